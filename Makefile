@@ -1,0 +1,57 @@
+# asrflow — the two commands are `make pipeline-local` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.asrflow-installed
+PROFILE ?= local
+WEEK ?=
+ASRFLOW_ROOT ?= $(CURDIR)/artifacts/$(PROFILE)
+export PYTHONHASHSEED := 0
+
+# Debian packages the project needs (espeak-ng synthesizes the embedded corpus;
+# chromium + chromedriver drive the Airflow UI test; postgresql + redis for distributed mode).
+APT_PACKAGES := espeak-ng sox chromium chromium-driver
+APT_STAMP := $(VENV)/.apt-installed
+
+.PHONY: setup test pipeline-local bench lint airflow-ui clean-artifacts apt
+
+setup: $(STAMP) $(APT_STAMP)
+
+$(APT_STAMP):
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> apt-get install$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip wheel setuptools
+	# torch first: deepspeed's build imports it (pure-Python build, no build isolation)
+	$(BIN)/pip install -q torch==2.11.0 torchaudio==2.11.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip check
+	@touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+pipeline-local: setup
+	$(BIN)/python -m pipeline_tasks.local_run --profile $(PROFILE) $(if $(WEEK),--week $(WEEK),)
+
+bench: setup
+	$(BIN)/pip install -q 'lhotse==1.33.*' urllib3
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+lint: setup
+	$(BIN)/ruff check .
+
+airflow-ui: setup
+	$(BIN)/python -m pipeline_tasks.airflow_ui --profile $(PROFILE)
+
+clean-artifacts:
+	rm -rf artifacts/

@@ -1,0 +1,217 @@
+"""The ``asrflow`` command line: a thin wrapper over the step functions.
+
+    asrflow STEP [--profile local] [--set key.sub=value ...] [--force]
+    asrflow run STEP ...                 (same thing)
+    asrflow pipeline                     (every step, in one process, no Airflow)
+    asrflow corpus generate|golden ...   (the embedded synthetic corpus)
+    asrflow config show                  (the validated config, overrides applied)
+
+A step run from the CLI first resolves its inputs by running its upstream steps; those
+are keyed and cached, so on a warm artifact root this only reads their results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline_tasks.pipeline import GRAPH, ORDER
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+corpus_app = typer.Typer(no_args_is_help=True, help="Generate the embedded synthetic speech corpus (espeak-ng).")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration profiles.")
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(config_app, name="config")
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="profile name in configs/ or a YAML path")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="override, e.g. --set train.epochs=3 (repeatable)")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="recompute this step even if its output exists")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _load(profile: str, overrides: list[str] | None):
+    from pipeline_tasks.config import load_config
+
+    try:
+        return load_config(profile, overrides or [])
+    except Exception as e:  # pydantic errors are readable; show them without a traceback
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+def _run_step(step: str, profile: str, overrides: list[str] | None, force: bool) -> None:
+    from pipeline_tasks.pipeline import run_until
+
+    _setup_logging()
+    cfg = _load(profile, overrides)
+    results = run_until(step, cfg, force={step} if force else False)
+    typer.echo(json.dumps(results[step], indent=2, sort_keys=True, default=str))
+
+
+def _make_step_command(step: str):
+    def cmd(
+        profile: ProfileOpt = "local",
+        overrides: SetOpt = None,
+        force: ForceOpt = False,
+    ) -> None:
+        _run_step(step, profile, overrides, force)
+
+    cmd.__doc__ = f"Run the {step!r} step (and, cached, the steps it depends on: {', '.join(GRAPH[step]) or 'none'})."
+    return cmd
+
+
+for _step in ORDER:
+    if _step == "evaluate":
+        continue  # `asrflow evaluate` is the model-on-manifest command (see below)
+    app.command(name=_step)(_make_step_command(_step))
+
+
+@app.command("run")
+def run_cmd(
+    step: Annotated[str, typer.Argument(help=f"one of: {', '.join(ORDER)}")],
+    profile: ProfileOpt = "local",
+    overrides: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run one pipeline step by name (the DAG's tasks, without Airflow)."""
+    if step not in GRAPH:
+        typer.echo(f"unknown step {step!r}; steps: {', '.join(ORDER)}", err=True)
+        raise typer.Exit(2)
+    _run_step(step, profile, overrides, force)
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    profile: ProfileOpt = "local",
+    overrides: SetOpt = None,
+    until: Annotated[str, typer.Option(help="last step to run")] = "promote",
+    force: Annotated[bool, typer.Option("--force", help="recompute every step")] = False,
+) -> None:
+    """Run the whole pipeline in this process (no Airflow); every step is cached."""
+    from pipeline_tasks.pipeline import run_until
+
+    _setup_logging()
+    cfg = _load(profile, overrides)
+    results = run_until(until, cfg, force=force)
+    typer.echo(json.dumps({k: v for k, v in results.items()}, indent=2, sort_keys=True, default=str))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[str, typer.Option(help="models:/asr@production, models:/asr@staging or a .onnx path")] = "",
+    manifest: Annotated[Path | None, typer.Option(help="NeMo-style JSONL manifest with transcripts")] = None,
+    profile: ProfileOpt = "local",
+    overrides: SetOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """WER/CER of MODEL on MANIFEST; without --model, run the pipeline's golden-set gate step."""
+    if not model:
+        _run_step("evaluate", profile, overrides, force)
+        return
+    if manifest is None:
+        typer.echo("--manifest is required with --model", err=True)
+        raise typer.Exit(2)
+    from pipeline_tasks import inference
+
+    _setup_logging()
+    cfg = _load(profile, overrides)
+    out = inference.evaluate_manifest(cfg, model, manifest)
+    typer.echo(json.dumps(out, indent=2, sort_keys=True))
+
+
+@app.command("transcribe")
+def transcribe_cmd(
+    audio: Annotated[list[Path] | None, typer.Argument(help="audio files (any sample rate, any length)")] = None,
+    model: Annotated[str, typer.Option(help="models:/asr@production, models:/asr@staging or a .onnx path")] = "models:/asr@staging",
+    manifest: Annotated[Path | None, typer.Option(help="NeMo-style JSONL manifest")] = None,
+    output: Annotated[Path | None, typer.Option(help="write JSONL here instead of stdout")] = None,
+    profile: ProfileOpt = "local",
+    overrides: SetOpt = None,
+) -> None:
+    """Transcribe audio with an exported model (onnxruntime; no torch needed)."""
+    from pipeline_tasks import inference
+
+    _setup_logging()
+    cfg = _load(profile, overrides)
+    if not audio and manifest is None:
+        typer.echo("give audio files or --manifest", err=True)
+        raise typer.Exit(2)
+    inference.transcribe_cli(cfg, model, list(audio or []), manifest, output)
+
+
+@app.command("promote-production")
+def promote_production_cmd(
+    profile: ProfileOpt = "local",
+    overrides: SetOpt = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="move production back to previous-production")] = False,
+) -> None:
+    """Canary-check `staging` on the newest dev data, then move `production` to it (or roll back)."""
+    from pipeline_tasks import promote
+
+    _setup_logging()
+    cfg = _load(profile, overrides)
+    out = promote.rollback(cfg) if rollback else promote.promote_production(cfg)
+    typer.echo(json.dumps(out, indent=2, sort_keys=True, default=str))
+
+
+@corpus_app.command("generate")
+def corpus_generate(
+    out: Annotated[Path, typer.Option(help="landing-zone folder; week N goes to OUT/week-NNN")],
+    week: Annotated[int, typer.Option(help="week number (draws new sentences each week)")] = 1,
+    utterances: Annotated[int, typer.Option(help="number of utterances")] = 400,
+    seed: Annotated[int, typer.Option(help="random seed; same seed gives byte-identical output")] = 1234,
+    jobs: Annotated[int, typer.Option(help="parallel espeak-ng processes (0 = all cores)")] = 0,
+) -> None:
+    """Synthesize one week of speech with espeak-ng into a landing zone (WAV + NeMo JSONL)."""
+    from pipeline_tasks import corpus
+
+    _setup_logging()
+    res = corpus.generate_week(out, week=week, utterances=utterances, seed=seed, jobs=jobs)
+    typer.echo(json.dumps(res, indent=2, sort_keys=True))
+
+
+@corpus_app.command("golden")
+def corpus_golden(
+    out: Annotated[Path, typer.Option(help="golden-set folder")],
+    utterances: Annotated[int, typer.Option(help="number of utterances")] = 120,
+    seed: Annotated[int, typer.Option(help="random seed")] = 1234,
+    jobs: Annotated[int, typer.Option(help="parallel espeak-ng processes (0 = all cores)")] = 0,
+) -> None:
+    """Synthesize the fixed golden set from sentences and voices never used for training weeks."""
+    from pipeline_tasks import corpus
+
+    _setup_logging()
+    res = corpus.generate_golden(out, utterances=utterances, seed=seed, jobs=jobs)
+    typer.echo(json.dumps(res, indent=2, sort_keys=True))
+
+
+@config_app.command("show")
+def config_show(profile: ProfileOpt = "local", overrides: SetOpt = None) -> None:
+    """Print the validated config with overrides applied and paths resolved."""
+    import yaml
+
+    cfg = _load(profile, overrides)
+    typer.echo(yaml.safe_dump(cfg.dump(), sort_keys=False))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

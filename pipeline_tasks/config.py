@@ -1,0 +1,390 @@
+"""Typed configuration for every asrflow step.
+
+A profile is a YAML file (``configs/local.yaml``, ``configs/prod.yaml``...) that is
+validated into :class:`AsrflowConfig`. Command-line ``key.sub=value`` overrides are
+applied to the raw mapping *before* validation, so an override gets exactly the same
+type checks as the file. Unknown keys are rejected (``extra="forbid"``): a typo in a
+profile is an error, not a silently ignored setting.
+
+Each step reads only its own section; the step key (see :mod:`pipeline_tasks.contract`)
+hashes that section, so changing the tuning space does not invalidate cached features.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    """Where things live. Relative paths are resolved against ``root`` at load time."""
+
+    root: str = "artifacts/local"  # artifact root: every step writes under <root>/<step>/<key>/
+    landing_url: str = "landing"  # landing zone: a folder or an fsspec URL (file://, s3://, gs://, memory://)
+    golden_dir: str = "golden"  # the fixed golden set (manifest.jsonl + audio)
+    data_workspace: str = "data_repo"  # the git + DVC repo that versions ingested snapshots
+    dvc_remote: str = "dvc_remote"  # DVC remote: a folder locally, s3://bucket/prefix in production
+    quarantine_dir: str = "quarantine"
+
+
+class CorpusConfig(_Section):
+    """The embedded synthetic corpus (espeak-ng); used by `make pipeline-local` and tests."""
+
+    utterances_per_week: int = Field(400, ge=1)
+    golden_utterances: int = Field(120, ge=1)
+    seed: int = 1234
+    long_form_share: float = Field(0.02, ge=0.0, le=1.0)
+    noise_snr_db: tuple[float, float] = (15.0, 40.0)
+    jobs: int = Field(0, ge=0)  # 0 = all cores
+
+
+class TextNormConfig(_Section):
+    lowercase: bool = True
+    strip_punctuation: bool = True
+    collapse_whitespace: bool = True
+    digits: Literal["spell", "reject"] = "spell"
+    allowed_chars: str = "abcdefghijklmnopqrstuvwxyz' "
+
+
+class IngestConfig(_Section):
+    target_sample_rate: int = 16000
+    manifest_glob: str = "**/*.jsonl"
+    max_duration_mismatch_s: float = Field(0.5, ge=0)  # declared vs decoded duration
+    max_duration_mismatch_ratio: float = Field(0.1, ge=0)
+    text: TextNormConfig = TextNormConfig()
+    dvc_push: bool = True
+    lock_timeout_s: float = 600.0
+
+
+class ValidateConfig(_Section):
+    min_duration_s: float = 0.3
+    max_train_duration_s: float = 20.0  # longer audio is kept for long-form use but not trained on
+    max_duration_s: float = 600.0
+    min_chars_per_s: float = 2.0
+    max_chars_per_s: float = 30.0
+    max_quarantine_share: float = Field(0.2, ge=0, le=1)
+    min_utterances: int = 1
+    median_duration_s: tuple[float, float] = (0.5, 30.0)  # allowed range of the batch median
+    max_hours_per_speaker_share: float = Field(1.0, ge=0, le=1)
+
+
+class FeatureConfig(_Section):
+    """Log-mel front end. Shared by featurize, training, export and transcribe."""
+
+    sample_rate: int = 16000
+    n_mels: int = 80
+    n_fft: int = 400  # 25 ms
+    win_length: int = 400
+    hop_length: int = 160  # 10 ms
+    f_min: float = 0.0
+    f_max: float | None = None
+    log_offset: float = 1e-6
+    dtype: Literal["float16", "float32"] = "float16"
+    shard_size: int = Field(500, ge=1)  # utterances per Parquet shard
+    row_group_size: int = Field(64, ge=1)
+    jobs: int = Field(0, ge=0)  # 0 = all cores
+
+
+class SplitConfig(_Section):
+    dev_share: float = Field(0.1, gt=0, lt=1)
+    proxy_share: float = Field(0.1, gt=0, le=1)  # share of *train* sampled for tuning
+    speaker_disjoint_dev: bool = False
+    salt: str = "asrflow-split-v1"
+
+
+class ModelConfig(_Section):
+    vocab: Literal["char", "bpe"] = "char"
+    bpe_vocab_size: int = 128
+    d_model: int = 144
+    n_layers: int = 4
+    n_heads: int = 4
+    ff_mult: int = 4
+    conv_kernel: int = 15
+    dropout: float = Field(0.1, ge=0, lt=1)
+    subsampling_channels: int = 144
+
+
+class SpecAugmentConfig(_Section):
+    freq_masks: int = Field(2, ge=0)
+    freq_mask_width: int = Field(15, ge=0)
+    time_masks: int = Field(2, ge=0)
+    time_mask_width: int = Field(25, ge=0)
+
+
+class SamplerConfig(_Section):
+    max_duration_s: float = Field(120.0, gt=0)  # audio seconds per batch (per rank)
+    num_buckets: int = Field(30, ge=1)
+    quadratic_duration_s: float | None = None  # attention cost term (Lhotse's quadratic_duration)
+    two_d_buckets: bool = False
+    num_token_buckets: int = 4
+    use_memory_probe: bool = False
+    memory_budget_gb: float = 4.0
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = 1e-3
+    warmup_steps: int = Field(200, ge=0)
+    schedule: Literal["cosine", "noam"] = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 5.0
+    grad_accum: int = Field(1, ge=1)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    world_size: int = Field(1, ge=1)  # processes on this node
+    nnodes: int = Field(1, ge=1)
+    launcher: Literal["inprocess", "torchrun", "deepspeed"] = "inprocess"
+    checkpoint_every_steps: int = Field(200, ge=1)
+    checkpoint_every_minutes: float = Field(5.0, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 1234
+    deterministic: bool = False
+    num_workers: int = Field(1, ge=0)
+    torch_threads: int = Field(0, ge=0)  # 0 = all cores
+    max_minutes: float | None = None  # wall-clock cap (local profile)
+    dev_decode: Literal["greedy", "beam"] = "greedy"
+    sampler: SamplerConfig = SamplerConfig()
+    specaugment: SpecAugmentConfig = SpecAugmentConfig()
+    gpu_pool_slots: int = Field(1, ge=1)
+
+
+class SearchParam(_Section):
+    """One dimension of the tuning space."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    condition: dict[str, Any] | None = None  # only sampled when another param has this value
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical search param needs 'choices'")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"{self.type} search param needs low <= high")
+        return self
+
+
+class TuneConfig(_Section):
+    enabled: bool = True
+    n_trials: int = Field(8, ge=1)
+    n_workers: int = Field(2, ge=1)
+    storage: str = "sqlite:///{root}/optuna.db"  # {root} = paths.root; postgresql://... in prod
+    sampler_seed: int = 42
+    pruner: Literal["asha", "hyperband", "median", "none"] = "asha"
+    min_resource: int = 1
+    reduction_factor: int = 3
+    epochs: int = Field(3, ge=1)  # max fidelity per trial
+    proxy_fraction: float = Field(1.0, gt=0, le=1)  # of the proxy split
+    multi_objective: bool = False
+    heartbeat_interval_s: int = 20
+    grace_period_s: int = 60
+    fidelity_check_top_k: int = 0  # 0 disables the proxy-vs-higher-fidelity rank correlation
+    timeout_s: float | None = None
+    space: dict[str, SearchParam] = Field(default_factory=dict)
+
+
+class GateConfig(_Section):
+    min_wer_improvement: float = 0.0  # δ (absolute WER)
+    min_probability: float = 0.9  # p
+    max_slice_regression: float = 0.05  # ε (absolute WER)
+    min_slice_words: int = 50
+    absolute_wer_ceiling: float = 0.6  # with no production model yet
+    bootstrap_samples: int = 1000
+    bootstrap_seed: int = 0
+    decode: Literal["greedy", "beam"] = "beam"
+
+
+class DecodeConfig(_Section):
+    beam_size: int = 50
+    lm_order: int = 3
+    lm_weight: float = 0.8
+    word_score: float = 0.0
+    chunk_s: float = 16.0
+    chunk_overlap_s: float = 2.0
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=17)
+    quantize_int8: bool = True
+    int8_max_wer_delta: float = 0.01
+    parity_atol: float = 1e-3
+
+
+class RegistryConfig(_Section):
+    tracking_uri: str = "sqlite:///{root}/mlflow.db"
+    artifact_location: str = "{root}/mlruns"
+    experiment: str = "asrflow"
+    model_name: str = "asr"
+    canary_max_wer: float = 0.6
+
+
+class AirflowConfig(_Section):
+    gpu_pool: str = "gpu_pool"
+    gpu_pool_size: int = 1
+    retries: int = 2
+    retry_delay_s: int = 30
+    train_queue: str = "default"
+
+
+class AsrflowConfig(_Section):
+    profile: str = "local"
+    paths: PathsConfig = PathsConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    features: FeatureConfig = FeatureConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    gate: GateConfig = GateConfig()
+    decode: DecodeConfig = DecodeConfig()
+    export: ExportConfig = ExportConfig()
+    registry: RegistryConfig = RegistryConfig()
+    airflow: AirflowConfig = AirflowConfig()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_name(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("profile must be a plain name")
+        return v
+
+    # -- helpers -----------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return Path(self.paths.root)
+
+    def path(self, name: str) -> str:
+        """A path from ``paths``, already resolved against the root (may be a URL)."""
+        return getattr(self.paths, name)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ---------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------
+
+_URL_PREFIXES = ("s3://", "gs://", "gcs://", "memory://", "file://", "http://", "https://", "az://")
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(_URL_PREFIXES) or "://" in s
+
+
+def parse_value(raw: str) -> Any:
+    """Parse an override's value with YAML rules (``3`` → int, ``true`` → bool, ``[1,2]`` → list)."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested mapping (returns a new mapping)."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ValueError(f"override {item!r} has an empty key")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = parse_value(raw)
+    return out
+
+
+def _resolve_paths(cfg: AsrflowConfig, base: Path) -> AsrflowConfig:
+    """Make ``paths.root`` absolute (relative to ``base``) and the other paths absolute under it."""
+    p = cfg.paths
+    root = p.root
+    if not _is_url(root):
+        root_path = Path(os.path.expanduser(root))
+        if not root_path.is_absolute():
+            root_path = (base / root_path).resolve()
+        root = str(root_path)
+    updates: dict[str, str] = {"root": root}
+    for name in ("landing_url", "golden_dir", "data_workspace", "dvc_remote", "quarantine_dir"):
+        val = getattr(p, name)
+        if _is_url(val):
+            updates[name] = val
+        else:
+            vp = Path(os.path.expanduser(val))
+            updates[name] = str(vp if vp.is_absolute() else Path(root) / vp)
+    new_paths = p.model_copy(update=updates)
+    fmt = {"root": root}
+    tune = cfg.tune.model_copy(update={"storage": cfg.tune.storage.format(**fmt)})
+    reg = cfg.registry.model_copy(
+        update={
+            "tracking_uri": cfg.registry.tracking_uri.format(**fmt),
+            "artifact_location": cfg.registry.artifact_location.format(**fmt),
+        }
+    )
+    return cfg.model_copy(update={"paths": new_paths, "tune": tune, "registry": reg})
+
+
+def profile_path(profile: str | os.PathLike[str]) -> Path:
+    """``local`` → ``configs/local.yaml``; a path is taken as it is."""
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return CONFIG_DIR / f"{profile}.yaml"
+
+
+def load_config(
+    profile: str | os.PathLike[str] = "local",
+    overrides: list[str] | None = None,
+    base_dir: Path | None = None,
+) -> AsrflowConfig:
+    """Load a profile, apply overrides, validate and resolve paths.
+
+    ``ASRFLOW_ROOT`` in the environment overrides ``paths.root`` (tests use it to point
+    a profile at a temporary folder); explicit overrides win over it.
+    """
+    path = profile_path(profile)
+    if not path.exists():
+        raise FileNotFoundError(f"no config profile {profile!r} (looked for {path})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a profile must be a mapping")
+    data.setdefault("profile", path.stem)
+    env_root = os.environ.get("ASRFLOW_ROOT")
+    pre = [f"paths.root={env_root}"] if env_root else []
+    data = apply_overrides(data, pre + list(overrides or []))
+    cfg = AsrflowConfig.model_validate(data)
+    return _resolve_paths(cfg, base_dir or REPO_ROOT)
+
+
+def config_from_dict(data: dict[str, Any]) -> AsrflowConfig:
+    """Rebuild a config that was dumped with :meth:`AsrflowConfig.dump` (paths already resolved)."""
+    return AsrflowConfig.model_validate(data)
