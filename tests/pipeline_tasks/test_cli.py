@@ -1,0 +1,56 @@
+"""The CLI: every verb has --help; config show applies overrides; unknown steps fail clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline_tasks.cli import app
+from pipeline_tasks.pipeline import ORDER
+
+runner = CliRunner()
+
+VERBS = [[s] for s in ORDER] + [
+    ["run"],
+    ["pipeline"],
+    ["transcribe"],
+    ["promote-production"],
+    ["corpus", "generate"],
+    ["corpus", "golden"],
+    ["config", "show"],
+]
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda v: " ".join(v))
+def test_help_on_every_verb(verb):
+    res = runner.invoke(app, [*verb, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage" in res.output
+
+
+def test_config_show_with_override(tmp_path):
+    res = runner.invoke(app, ["config", "show", "--profile", "tiny", "--set", "train.epochs=7", "--set", f"paths.root={tmp_path}"])
+    assert res.exit_code == 0, res.output
+    data = yaml.safe_load(res.output)
+    assert data["train"]["epochs"] == 7
+    assert data["paths"]["root"] == str(tmp_path)
+
+
+def test_bad_override_exit_code():
+    res = runner.invoke(app, ["config", "show", "--set", "train.epochs=-3"])
+    assert res.exit_code == 2
+    assert "config error" in res.output
+
+
+def test_unknown_step():
+    res = runner.invoke(app, ["run", "nosuchstep"])
+    assert res.exit_code == 2
+
+
+def test_console_script_installed():
+    out = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "corpus" in out.stdout

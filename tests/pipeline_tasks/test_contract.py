@@ -1,0 +1,187 @@
+"""The step contract: keyed outputs, atomic publish, skip when done, survive SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline_tasks.contract import (
+    SUCCESS,
+    TMP_PREFIX,
+    cleanup_stale,
+    run_step,
+    step_key,
+    write_json_atomic,
+)
+
+
+def test_step_key_depends_on_every_part():
+    base = step_key("s", {"a": 1}, {"in": "md5"}, "1")
+    assert len(base) == 16
+    assert base == step_key("s", {"a": 1}, {"in": "md5"}, "1")
+    assert base != step_key("t", {"a": 1}, {"in": "md5"}, "1")
+    assert base != step_key("s", {"a": 2}, {"in": "md5"}, "1")
+    assert base != step_key("s", {"a": 1}, {"in": "md6"}, "1")
+    assert base != step_key("s", {"a": 1}, {"in": "md5"}, "2")
+    # key order of dicts does not matter
+    assert step_key("s", {"a": 1, "b": 2}, {}, "1") == step_key("s", {"b": 2, "a": 1}, {}, "1")
+
+
+def test_publish_then_skip(tmp_path):
+    calls = []
+
+    def work(tmp: Path):
+        calls.append(tmp)
+        (tmp / "out.txt").write_text("hello")
+        return {"out": "out.txt", "n": 1}
+
+    r1 = run_step(tmp_path, "demo", "k1", work)
+    assert r1["output_dir"] == str(tmp_path / "demo" / "k1")
+    assert (tmp_path / "demo" / "k1" / "out.txt").read_text() == "hello"
+    assert json.loads((tmp_path / "demo" / "k1" / SUCCESS).read_text()) == r1
+    r2 = run_step(tmp_path, "demo", "k1", work)
+    assert r2 == r1 and len(calls) == 1
+    # force recomputes and swaps atomically
+    r3 = run_step(tmp_path, "demo", "k1", work, force=True)
+    assert len(calls) == 2 and r3 == r1
+    assert not [p for p in (tmp_path / "demo").iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_failure_publishes_nothing(tmp_path):
+    def boom(tmp: Path):
+        (tmp / "partial").write_text("x")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        run_step(tmp_path, "demo", "k", boom)
+    assert not (tmp_path / "demo" / "k").exists()
+    assert [p.name for p in (tmp_path / "demo").iterdir() if not p.name.startswith(".lock")] == []
+
+
+def test_non_json_result_is_rejected(tmp_path):
+    with pytest.raises(TypeError):
+        run_step(tmp_path, "demo", "k", lambda tmp: {"x": object()})
+    assert not (tmp_path / "demo" / "k").exists()
+
+
+def test_write_json_atomic(tmp_path):
+    write_json_atomic(tmp_path / "a" / "b.json", {"x": 1})
+    assert json.loads((tmp_path / "a" / "b.json").read_text()) == {"x": 1}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+
+
+def test_cleanup_stale_keeps_live_owner(tmp_path):
+    import socket
+
+    host = socket.gethostname()
+    live = tmp_path / f"{TMP_PREFIX}k~{host}~{os.getpid()}~aaaa"
+    dead = tmp_path / f"{TMP_PREFIX}k~{host}~999999999~bbbb"
+    live.mkdir()
+    dead.mkdir()
+    removed = cleanup_stale(tmp_path)
+    assert dead in removed and not dead.exists()
+    assert live.exists()
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time, json
+    from pathlib import Path
+    from pipeline_tasks.contract import run_step
+
+    root, marker, slow = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "slow"
+
+    def work(tmp):
+        for i in range(20):
+            (tmp / f"part-{i}.txt").write_text(str(i))
+            if i == 5:
+                marker.write_text("half-way")
+                if slow:
+                    time.sleep(60)  # killed here
+        return {"parts": 20}
+
+    res = run_step(root, "killable", "key123", work)
+    print(json.dumps(res))
+    """
+)
+
+
+def _spawn(tmp_path: Path, slow: bool) -> subprocess.Popen:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "root"), str(tmp_path / "marker"), "slow" if slow else "fast"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigkill_half_way_publishes_nothing_then_retry_and_skip(tmp_path):
+    # 1) a step process killed with SIGKILL half-way publishes nothing
+    p = _spawn(tmp_path, slow=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "marker").exists():
+        assert time.time() < deadline, "worker never reached half-way"
+        assert p.poll() is None, "worker exited early"
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    step_dir = tmp_path / "root" / "killable"
+    assert not (step_dir / "key123").exists()
+    leftovers = [x for x in step_dir.iterdir() if x.name.startswith(TMP_PREFIX)]
+    assert len(leftovers) == 1  # the half-written temp folder, never the final one
+
+    # 2) its retry completes (and removes the dead attempt's temp folder)
+    (tmp_path / "marker").unlink()
+    p2 = _spawn(tmp_path, slow=False)
+    out2, _ = p2.communicate(timeout=120)
+    assert p2.returncode == 0
+    r2 = json.loads(out2.strip().splitlines()[-1])
+    assert r2["parts"] == 20
+    assert sorted(x.name for x in (step_dir / "key123").iterdir()) == sorted(
+        [SUCCESS] + [f"part-{i}.txt" for i in range(20)]
+    )
+    assert not [x for x in step_dir.iterdir() if x.name.startswith(TMP_PREFIX)]
+
+    # 3) a third run skips and returns the identical result
+    mtime = (step_dir / "key123" / SUCCESS).stat().st_mtime_ns
+    (tmp_path / "marker").unlink()
+    p3 = _spawn(tmp_path, slow=True)  # would sleep if it recomputed
+    out3, _ = p3.communicate(timeout=30)
+    assert p3.returncode == 0
+    assert json.loads(out3.strip().splitlines()[-1]) == r2
+    assert not (tmp_path / "marker").exists()
+    assert (step_dir / "key123" / SUCCESS).stat().st_mtime_ns == mtime
+
+
+def test_concurrent_runs_of_one_key_compute_once(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time, json, os
+            from pathlib import Path
+            from pipeline_tasks.contract import run_step
+            root = Path(sys.argv[1])
+            def work(tmp):
+                with open(root / "calls.log", "a") as f:
+                    f.write(f"{os.getpid()}\\n")
+                time.sleep(1.0)
+                return {"v": 42}
+            print(json.dumps(run_step(root, "c", "k", work)))
+            """
+        )
+    )
+    (tmp_path / "r").mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "r")], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=60)[0].strip().splitlines()[-1]) for p in procs]
+    assert outs[0] == outs[1]
+    assert len((tmp_path / "r" / "calls.log").read_text().split()) == 1
