@@ -1,0 +1,93 @@
+"""infra/: what can be checked without a Docker engine or a cluster.
+
+The compose file parses and is internally consistent (every dependency and every host the
+prod profile names is a service; every published port is bound to loopback); the Kubernetes
+manifests parse; the prod profile points at these services.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from pipeline_tasks.config import REPO_ROOT, load_config
+
+INFRA = REPO_ROOT / "infra"
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((INFRA / "docker-compose.yaml").read_text())
+
+
+def test_compose_services_and_dependencies(compose):
+    services = compose["services"]
+    for name in [
+        "postgres",
+        "redis",
+        "minio",
+        "mlflow",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-worker",
+        "airflow-worker-gpu",
+    ]:
+        assert name in services, name
+    for name, svc in services.items():
+        deps = svc.get("depends_on", {})
+        for dep in deps if isinstance(deps, (list, dict)) else []:
+            assert dep in services, f"{name} depends on unknown service {dep}"
+
+
+def test_compose_ports_are_loopback_only(compose):
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_compose_uses_celery_and_gpu_queue(compose):
+    sched = compose["services"]["airflow-scheduler"]
+    assert sched["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    gpu_cmd = compose["services"]["airflow-worker-gpu"]["command"]
+    prod = load_config("prod")
+    assert f"--queues {prod.airflow.train_queue}" in gpu_cmd
+    for cmd in (sched["command"],):
+        assert "--skip-serve-logs" in cmd
+
+
+def test_prod_profile_hosts_exist_in_compose(compose):
+    prod = load_config("prod")
+    services = set(compose["services"])
+    hosts = {urlparse(prod.tune.storage).hostname, urlparse(prod.registry.tracking_uri).hostname}
+    assert hosts <= services, hosts - services
+    # S3 URLs of the profile are buckets that the compose stack creates
+    mc = compose["services"]["minio-buckets"]["entrypoint"]
+    for url in (prod.paths.landing_url, prod.paths.dvc_remote, prod.registry.artifact_location):
+        bucket = urlparse(url).netloc
+        assert bucket in mc, f"bucket {bucket} of {url} is not created by minio-buckets"
+    # the Optuna database exists in the Postgres init script
+    db = urlparse(prod.tune.storage).path.lstrip("/")
+    assert re.search(rf"CREATE DATABASE {db}\b", (INFRA / "postgres-init.sql").read_text())
+
+
+def test_k8s_manifests_parse_and_request_gpus():
+    docs = {}
+    for p in (INFRA / "k8s").glob("*.yaml"):
+        docs[p.name] = yaml.safe_load(p.read_text())
+        assert docs[p.name], p
+    pod = docs["train-pod-override.yaml"]
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert docs["airflow-values.yaml"]["executor"] in {"CeleryKubernetesExecutor", "KubernetesExecutor", "CeleryExecutor"}
+
+
+def test_multinode_launcher_is_valid_bash():
+    script = INFRA / "deepspeed" / "launch_multinode.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown mode" in out.stderr
