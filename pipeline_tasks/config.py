@@ -65,7 +65,10 @@ class IngestConfig(_Section):
     max_duration_mismatch_ratio: float = Field(0.1, ge=0)
     text: TextNormConfig = TextNormConfig()
     dvc_push: bool = True
-    lock_timeout_s: float = 600.0
+    lock_timeout_s: float = 600.0  # how long a second ingest waits for the data-workspace lock
+    jobs: int = Field(0, ge=0)  # decoding processes; 0 = all cores
+    pool_min_items: int = Field(8, ge=1)  # fewer items than this are decoded in-process (no pool start-up)
+    copy_quarantined: bool = True  # copy the offending source file under paths.quarantine_dir/<batch>/
 
 
 class ValidateConfig(_Section):
@@ -102,6 +105,8 @@ class SplitConfig(_Section):
     proxy_share: float = Field(0.1, gt=0, le=1)  # share of *train* sampled for tuning
     speaker_disjoint_dev: bool = False
     salt: str = "asrflow-split-v1"
+    # proxy strata: duration buckets (fixed edges, so a bucket never changes as data grows) x speaker
+    proxy_duration_edges_s: list[float] = Field(default_factory=lambda: [2.0, 4.0, 8.0, 12.0, 16.0])
 
 
 class ModelConfig(_Section):
@@ -159,6 +164,9 @@ class TrainConfig(_Section):
     sampler: SamplerConfig = SamplerConfig()
     specaugment: SpecAugmentConfig = SpecAugmentConfig()
     gpu_pool_slots: int = Field(1, ge=1)
+    keep_checkpoint_after_publish: bool = False  # keep <root>/checkpoints/train/<key>/ once the model is published
+    ds_shm_comm: bool = False  # DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op, ~40 s once)
+    build_lm: bool = True  # ship a lexicon + n-gram LM built from the training transcripts with the model
 
 
 class SearchParam(_Section):
@@ -197,7 +205,14 @@ class TuneConfig(_Section):
     heartbeat_interval_s: int = 20
     grace_period_s: int = 60
     fidelity_check_top_k: int = 0  # 0 disables the proxy-vs-higher-fidelity rank correlation
-    timeout_s: float | None = None
+    fidelity_epochs_factor: float = Field(2.0, ge=1.0)  # higher fidelity = this x epochs on the full proxy
+    timeout_s: float | None = None  # a worker starts no new trial after this many seconds
+    max_retry: int = Field(2, ge=0)  # re-runs of a trial whose worker died (heartbeat went stale)
+    n_startup_trials: int | None = None  # random trials before TPE models; None = max(2, n_trials // 4)
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"  # lr vs sampled batch duration (see tune.py)
+    max_params: int | None = None  # parameter budget: bigger sampled models are rejected (pruned, 0 epochs)
+    trial_max_minutes: float | None = None  # wall-clock cap passed to fit for one trial
+    latency_max_utts: int = Field(32, ge=1)  # dev utterances timed for the multi-objective latency
     space: dict[str, SearchParam] = Field(default_factory=dict)
 
 
@@ -210,9 +225,15 @@ class GateConfig(_Section):
     bootstrap_samples: int = 1000
     bootstrap_seed: int = 0
     decode: Literal["greedy", "beam"] = "beam"
+    # resampling unit of the paired bootstrap: speaker blocks when every golden utterance has a
+    # speaker and there are at least min_speaker_blocks of them (auto), else utterances
+    bootstrap_unit: Literal["auto", "speaker", "utterance"] = "auto"
+    min_speaker_blocks: int = Field(4, ge=2)
+    duration_buckets_s: list[float] = Field(default_factory=lambda: [2.0, 5.0, 10.0, 20.0])  # slice edges
 
 
 class DecodeConfig(_Section):
+    mode: Literal["greedy", "beam"] = "beam"  # asrflow transcribe / evaluate --model (the gate uses gate.decode)
     beam_size: int = 50
     lm_order: int = 3
     lm_weight: float = 0.8
@@ -226,6 +247,7 @@ class ExportConfig(_Section):
     quantize_int8: bool = True
     int8_max_wer_delta: float = 0.01
     parity_atol: float = 1e-3
+    register: Literal["int8_if_kept", "fp32"] = "int8_if_kept"  # which file promote registers
 
 
 class RegistryConfig(_Section):
@@ -234,6 +256,7 @@ class RegistryConfig(_Section):
     experiment: str = "asrflow"
     model_name: str = "asr"
     canary_max_wer: float = 0.6
+    canary_max_utts: int = Field(2000, ge=1)  # newest-week dev utterances the canary decodes (at most)
 
 
 class AirflowConfig(_Section):

@@ -1,0 +1,222 @@
+"""Audio decoding, resampling and storage for every step that touches waveforms.
+
+What: :func:`load_audio` decodes WAV / FLAC / OGG / MP3 (through libsndfile via
+``soundfile``), downmixes to mono and resamples to the target rate with
+``torchaudio.functional.resample``; :func:`write_flac` stores a waveform as 16-bit FLAC
+atomically; :func:`pcm16_hash` is the content hash of a waveform (sha256 of its int16
+PCM bytes), which names files in the content-addressed raw store.
+
+Why: ingest, golden, transcribe and featurize must agree bit-for-bit on how audio is
+turned into samples, so there is one implementation. Every decode failure is raised as
+:class:`AudioDecodeError` with a short machine ``reason`` (used as the quarantine
+reason) and a readable ``message``, never as a bare libsndfile error. libsndfile reads a
+truncated WAV silently (it trusts the file size, not the header), so the RIFF header is
+parsed here and the declared data size compared with the bytes actually present.
+
+Int16 convention: ``int16 = clip(round(x * 32768), -32768, 32767)``, the inverse of what
+libsndfile does when it reads 16-bit PCM as float (``x = int16 / 32768``). So a FLAC
+written by :func:`write_flac` and read back by :func:`load_audio` has the same
+:func:`pcm16_hash` as the waveform that was written.
+
+Plain arguments only: this module never imports ``pipeline_tasks`` or Airflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import uuid
+from pathlib import Path
+from typing import IO, BinaryIO
+
+import numpy as np
+import soundfile as sf
+
+# reason codes (also used as quarantine reasons)
+NOT_AUDIO = "not_audio"
+AUDIO_TRUNCATED = "audio_truncated"
+AUDIO_EMPTY = "audio_empty"
+AUDIO_UNREADABLE = "audio_unreadable"
+AUDIO_MISSING = "audio_missing"
+AUDIO_NONFINITE = "audio_nonfinite"
+
+# formats whose header frame count is exact (MP3's is an estimate from the bitrate)
+_EXACT_FRAME_COUNT = {"FLAC", "OGG", "WAV", "WAVEX", "AIFF", "CAF", "W64", "RF64"}
+
+
+class AudioDecodeError(Exception):
+    """Audio that cannot be used. ``reason`` is a machine code, ``message`` says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+    def __reduce__(self):  # picklable across a process pool
+        return (type(self), (self.reason, self.message))
+
+
+def _riff_data_check(head: bytes, file_size: int) -> str | None:
+    """Return a truncation message when a RIFF/WAVE header declares more bytes than exist.
+
+    Walks the chunk list in ``head`` (the first bytes of the file) up to the ``data``
+    chunk and compares its declared size with what the file holds. Returns ``None`` when
+    the file is complete, is not RIFF/WAVE, or declares an unknown size (streamed WAVs
+    write 0 or 0xFFFFFFFF).
+    """
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        cid = head[pos : pos + 4]
+        (size,) = struct.unpack("<I", head[pos + 4 : pos + 8])
+        if cid == b"data":
+            if size in (0, 0xFFFFFFFF):
+                return None
+            have = file_size - (pos + 8)
+            if have < size:
+                return f"WAV header declares {size} data bytes but the file holds {max(have, 0)}"
+            return None
+        pos += 8 + size + (size & 1)  # chunks are word aligned
+    if pos > file_size:
+        return f"WAV chunk list runs past the end of the file ({file_size} bytes)"
+    return None
+
+
+def _open_source(path_or_fileobj: str | os.PathLike[str] | IO[bytes]) -> tuple[BinaryIO, str]:
+    """A seekable binary stream and a name for messages."""
+    if isinstance(path_or_fileobj, (str, os.PathLike)):
+        p = Path(path_or_fileobj)
+        try:
+            return open(p, "rb"), str(p)  # noqa: SIM115 - closed by the caller
+        except FileNotFoundError as e:
+            raise AudioDecodeError(AUDIO_MISSING, f"{p}: no such file") from e
+        except IsADirectoryError as e:
+            raise AudioDecodeError(AUDIO_UNREADABLE, f"{p}: is a directory") from e
+        except OSError as e:
+            raise AudioDecodeError(AUDIO_UNREADABLE, f"{p}: {e.strerror or e}") from e
+    f = path_or_fileobj
+    name = str(getattr(f, "name", "<stream>"))
+    try:
+        seekable = f.seekable()
+    except (AttributeError, ValueError):
+        seekable = False
+    if not seekable:
+        return io.BytesIO(f.read()), name
+    return f, name  # type: ignore[return-value]
+
+
+def _to_mono(data: np.ndarray) -> np.ndarray:
+    if data.ndim == 2:
+        data = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Resample a mono float32 waveform with ``torchaudio.functional.resample`` (sinc, Hann)."""
+    if orig_sr == target_sr or wave.size == 0:
+        return np.ascontiguousarray(wave, dtype=np.float32)
+    import torch
+    import torchaudio.functional as AF
+
+    with torch.no_grad():
+        out = AF.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), int(orig_sr), int(target_sr))
+    return out.numpy().astype(np.float32, copy=False)
+
+
+def load_audio(
+    path_or_fileobj: str | os.PathLike[str] | IO[bytes], target_sr: int | None = 16000
+) -> tuple[np.ndarray, int, int]:
+    """Decode audio to a mono float32 waveform at ``target_sr``.
+
+    Returns ``(wave (S,) float32, orig_sample_rate, orig_channels)``. Multi-channel audio
+    is averaged to mono; any other rate (8 kHz, 44.1 kHz...) is resampled, never
+    rejected. ``target_sr=None`` keeps the original rate.
+
+    Raises :class:`AudioDecodeError` with reason ``audio_missing`` (no such file),
+    ``not_audio`` (not a format libsndfile recognises, e.g. text named ``.wav``),
+    ``audio_truncated`` (fewer bytes/frames than the header declares, or a decode error
+    part-way), ``audio_empty`` (zero frames), ``audio_nonfinite`` (NaN/inf samples in a
+    float file) or ``audio_unreadable`` (a known format whose header is malformed, e.g. a
+    cut-short OGG, or any other I/O failure).
+    """
+    f, name = _open_source(path_or_fileobj)
+    own = isinstance(path_or_fileobj, (str, os.PathLike))
+    try:
+        start = f.tell()
+        f.seek(0, io.SEEK_END)
+        size = f.tell() - start
+        f.seek(start)
+        if size == 0:
+            raise AudioDecodeError(AUDIO_EMPTY, f"{name}: file is 0 bytes")
+        head = f.read(1 << 16)
+        f.seek(start)
+        trunc = _riff_data_check(head, size)
+        if trunc:
+            raise AudioDecodeError(AUDIO_TRUNCATED, f"{name}: {trunc}")
+        try:
+            info = sf.info(f)
+            f.seek(start)
+        except sf.LibsndfileError as e:
+            if "malformed" in str(e.error_string).lower():
+                raise AudioDecodeError(
+                    AUDIO_UNREADABLE, f"{name}: a known audio format but malformed, corrupt or cut short ({e.error_string})"
+                ) from e
+            raise AudioDecodeError(NOT_AUDIO, f"{name}: not a recognised audio format ({e.error_string})") from e
+        except (RuntimeError, ValueError) as e:
+            raise AudioDecodeError(NOT_AUDIO, f"{name}: not a recognised audio format ({e})") from e
+        if info.frames == 0 or info.samplerate <= 0:
+            raise AudioDecodeError(AUDIO_EMPTY, f"{name}: no audio frames ({info.format}, {info.samplerate} Hz)")
+        try:
+            data, sr = sf.read(f, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+            raise AudioDecodeError(AUDIO_TRUNCATED, f"{name}: decode failed part-way ({e})") from e
+        channels = int(data.shape[1])
+        if data.shape[0] == 0:
+            raise AudioDecodeError(AUDIO_EMPTY, f"{name}: no audio frames")
+        if info.format in _EXACT_FRAME_COUNT and data.shape[0] < info.frames:
+            raise AudioDecodeError(
+                AUDIO_TRUNCATED, f"{name}: header declares {info.frames} frames, decoded {data.shape[0]}"
+            )
+        if not np.isfinite(data).all():
+            raise AudioDecodeError(AUDIO_NONFINITE, f"{name}: contains NaN or infinite samples")
+    except AudioDecodeError:
+        raise
+    except OSError as e:
+        raise AudioDecodeError(AUDIO_UNREADABLE, f"{name}: {e}") from e
+    finally:
+        if own:
+            f.close()
+    wave = _to_mono(data)
+    if target_sr is not None:
+        wave = resample(wave, int(sr), int(target_sr))
+    return wave, int(sr), channels
+
+
+def to_pcm16(wave: np.ndarray) -> np.ndarray:
+    """float waveform → int16 with the libsndfile-inverse convention (x * 32768, clipped)."""
+    w = np.asarray(wave, dtype=np.float64)
+    return np.clip(np.rint(w * 32768.0), -32768, 32767).astype("<i2")
+
+
+def pcm16_hash(wave: np.ndarray) -> str:
+    """sha256 (hex) of the waveform's little-endian int16 PCM bytes: its content address."""
+    return hashlib.sha256(to_pcm16(wave).tobytes()).hexdigest()
+
+
+def write_flac(path: str | os.PathLike[str], wave: np.ndarray, sr: int) -> None:
+    """Write a mono waveform as 16-bit FLAC, atomically (temp file in the same folder + ``os.replace``).
+
+    A reader never sees a half-written file; a crash leaves at most a ``.tmp-*`` file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex}")
+    try:
+        sf.write(str(tmp), to_pcm16(wave), int(sr), format="FLAC", subtype="PCM_16")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,211 @@
+"""The DAG on a real Airflow stack, as a UI user drives it.
+
+One stack for the module (api-server, scheduler ``--skip-serve-logs`` and dag-processor on
+loopback, LocalExecutor, SQLite, a temporary AIRFLOW_HOME under a fresh tiny artifact root),
+shared by the tests below, which run in file order:
+
+1. the manual trigger through the REST API with custom params, polled to success, the gate's
+   result read back from XCom;
+2. a real headless Chromium that logs in, opens the DAG, changes a param in the trigger form
+   and triggers it;
+3. the scheduler killed during a run and started again: the run completes and finished steps
+   are not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dags.conftest import AirflowApi, free_port, make_root, tiny_root_cfg
+
+DAG = "asr_retraining"
+# keep the runs tiny: one trial, one worker, one epoch
+FAST = ["tune.n_trials=1", "tune.n_workers=1", "tune.epochs=1"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_landing, tiny_golden):
+    from pipeline_tasks.airflow_env import ADMIN_USER, admin_password, airflow_env, airflow_home, setup_airflow
+    from pipeline_tasks.airflow_ui import Stack
+
+    base = tmp_path_factory.mktemp("airflow_stack")
+    root = make_root(base, tiny_landing, tiny_golden)
+    cfg = tiny_root_cfg(root)
+    port = free_port()
+    env = airflow_env(cfg, port=port, extra={"AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"})
+    setup_airflow(cfg, env)
+    st = Stack(env=env, log_dir=airflow_home(cfg) / "test-logs", port=port)
+    st.cfg = cfg  # type: ignore[attr-defined]
+    st.extra_groups = []  # type: ignore[attr-defined]
+    try:
+        st.start_airflow()
+        st.wait_healthy(timeout=180)
+        api = AirflowApi(st.url, ADMIN_USER, admin_password(cfg))
+        api.wait_dag(DAG)
+        st.api = api  # type: ignore[attr-defined]
+        yield st
+    finally:
+        st.stop()
+        for pgid in st.extra_groups:  # type: ignore[attr-defined]
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _runs(api: AirflowApi) -> list[dict]:
+    return api.get(f"/dags/{DAG}/dagRuns", order_by="-run_after", limit=50)["dag_runs"]
+
+
+def test_rest_manual_trigger_with_params(stack):
+    api: AirflowApi = stack.api
+    api.req("PATCH", f"/dags/{DAG}", json={"is_paused": False})
+    conf = {"profile": "tiny", "epochs": 1, "n_trials": 1, "promote": True, "overrides": FAST}
+    run = api.trigger(DAG, conf)
+    assert run["conf"]["n_trials"] == 1
+    done = api.wait_run(DAG, run["dag_run_id"], timeout=480, stack=stack)
+    tis = {(t["task_id"], t["map_index"]): t for t in api.task_instances(DAG, run["dag_run_id"])}
+    assert done["state"] == "success", {k: v["state"] for k, v in tis.items()}
+    # the train task ran in the GPU pool
+    assert tis[("train", -1)]["pool"] == "gpu_pool"
+    # the featurize shards were mapped (dynamic task mapping)
+    assert any(tid == "featurize_shard" and mi >= 0 for tid, mi in tis)
+    # the gate's decision, read back through the REST API
+    ev = api.xcom(DAG, run["dag_run_id"], "evaluate")
+    ev = json.loads(ev) if isinstance(ev, str) else ev
+    assert isinstance(ev["passed"], bool) and isinstance(ev["candidate_wer"], float)
+    gate = api.xcom(DAG, run["dag_run_id"], "promote_gate", "gate")
+    gate = json.loads(gate) if isinstance(gate, str) else gate
+    assert gate["promote"] == ev["passed"]
+    promote_state = tis[("promote", -1)]["state"]
+    assert promote_state == ("success" if ev["passed"] else "skipped")
+    # the tasks used the run's params: the train step saw epochs=1 from the trigger
+    tr = api.xcom(DAG, run["dag_run_id"], "train")
+    tr = json.loads(tr) if isinstance(tr, str) else tr
+    assert tr["epochs"] == 1
+
+
+def _chrome(tmp_path: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chrome-profile'}",
+        "--window-size=1400,1000",
+    ):
+        opts.add_argument(a)
+    return webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+
+
+@pytest.mark.browser
+def test_browser_trigger_with_changed_param(stack, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from pipeline_tasks.airflow_env import ADMIN_USER, admin_password
+
+    api: AirflowApi = stack.api
+    before = {r["dag_run_id"] for r in _runs(api)}
+    d = _chrome(tmp_path)
+    wait = WebDriverWait(d, 60)
+    try:
+        d.get(stack.url + "/")
+        wait.until(EC.presence_of_element_located((By.NAME, "username"))).send_keys(ADMIN_USER)
+        d.find_element(By.NAME, "password").send_keys(admin_password(stack.cfg))
+        d.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait.until(lambda drv: "/auth/login" not in drv.current_url)
+        d.get(f"{stack.url}/dags/{DAG}")
+        wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "button[aria-label='Trigger Dag']"))).click()
+        epochs = wait.until(EC.element_to_be_clickable((By.NAME, "element_epochs")))
+        epochs.send_keys(Keys.CONTROL, "a")
+        epochs.send_keys("2")
+        overrides = d.find_element(By.NAME, "element_overrides")
+        overrides.send_keys(Keys.CONTROL, "a")
+        overrides.send_keys("\n".join(FAST))
+        d.save_screenshot(str(tmp_path / "trigger-form.png"))
+        dialog = d.find_element(By.CSS_SELECTOR, "[role=dialog]")
+        buttons = [b for b in dialog.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Trigger"]
+        assert buttons, "no Trigger button in the trigger dialog"
+        d.execute_script("arguments[0].scrollIntoView(true);", buttons[-1])
+        buttons[-1].click()
+        # the run appears through the REST API with the changed param
+        t0 = time.monotonic()
+        new = []
+        while time.monotonic() - t0 < 60 and not new:
+            new = [r for r in _runs(api) if r["dag_run_id"] not in before]
+            time.sleep(1)
+        d.save_screenshot(str(tmp_path / "after-trigger.png"))
+    finally:
+        d.quit()
+    assert (tmp_path / "trigger-form.png").stat().st_size > 10_000
+    assert len(new) == 1, "the UI trigger did not create a run"
+    assert new[0]["conf"]["epochs"] == 2
+    assert new[0]["conf"]["overrides"] == FAST
+    assert new[0]["conf"]["profile"] == "tiny"  # the form's default (ASRFLOW_PROFILE of the stack)
+
+
+def _success_file(root: Path, step: str, key: str) -> Path:
+    return root / step / key / "_SUCCESS.json"
+
+
+def test_scheduler_killed_mid_run_resumes_without_redoing(stack):
+    """Kill -9 the scheduler while a run is in flight, start a new one: the run finishes and
+    the steps that had finished are not run again (try_number 1, outputs untouched)."""
+    api: AirflowApi = stack.api
+    api.req("PATCH", f"/dags/{DAG}", json={"is_paused": False})
+    active = [r for r in _runs(api) if r["state"] in ("queued", "running")]
+    if active:  # the browser test's run (epochs=2: a new training run) — use it
+        run_id = active[0]["dag_run_id"]
+    else:
+        run_id = api.trigger(DAG, {"profile": "tiny", "epochs": 3, "overrides": FAST})["dag_run_id"]
+
+    # wait until ingest has finished and the run is still going
+    t0 = time.monotonic()
+    while True:
+        assert time.monotonic() - t0 < 300, "ingest did not finish"
+        tis = {t["task_id"]: t for t in api.task_instances(DAG, run_id) if t["map_index"] in (-1, None)}
+        if tis.get("ingest", {}).get("state") == "success":
+            break
+        time.sleep(1)
+    assert api.run(DAG, run_id)["state"] == "running"
+    ingest = api.xcom(DAG, run_id, "ingest")
+    ingest = json.loads(ingest) if isinstance(ingest, str) else ingest
+    success = _success_file(stack.cfg.root, "ingest", ingest["key"])
+    mtime = success.stat().st_mtime_ns
+
+    # kill -9 the scheduler (its task processes are left to finish or be reaped), start a new one
+    old = stack.procs.pop("scheduler")
+    os.kill(old.pid, signal.SIGKILL)
+    old.wait(timeout=30)
+    stack.extra_groups.append(old.pid)
+    time.sleep(3)
+    stack.start_component("scheduler")
+
+    done = api.wait_run(DAG, run_id, timeout=480, stack=stack)
+    tis = {(t["task_id"], t["map_index"]): t for t in api.task_instances(DAG, run_id)}
+    assert done["state"] == "success", {k: (v["state"], v["try_number"]) for k, v in tis.items()}
+    assert tis[("ingest", -1)]["try_number"] == 1
+    assert success.stat().st_mtime_ns == mtime
+    assert all(t["state"] in ("success", "skipped") for t in tis.values())

@@ -1,0 +1,116 @@
+"""ConformerCTC shapes, padding invariance, ONNX parity; SpecAugment behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from model_code.conformer import ConformerCTC, SpecAugment, count_parameters, subsampled_lengths
+
+KW = dict(n_mels=80, vocab_size=29, d_model=32, n_layers=2, n_heads=4, ff_mult=2, conv_kernel=7,
+          dropout=0.1, subsampling_channels=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ConformerCTC(**KW).eval()
+
+
+def test_shapes_and_log_probs(model):
+    x = torch.randn(3, 101, 80)
+    lens = torch.tensor([101, 77, 5])
+    with torch.no_grad():
+        lp, ol = model(x, lens)
+    assert lp.shape == (3, 26, 29)
+    assert ol.tolist() == subsampled_lengths(lens).tolist() == [26, 20, 2]
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(3, 26), atol=1e-5)
+    assert count_parameters(model) > 10_000
+
+
+def test_padding_does_not_change_valid_outputs(model):
+    """An utterance padded in a batch gives the same log-probs as alone (masks everywhere)."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 120, 80) * 4 + 3
+    lens = torch.tensor([120, 70])
+    x[1, 70:] = 1000.0  # garbage in the padding must not leak
+    with torch.no_grad():
+        lp, ol = model(x, lens)
+        alone, _ = model(x[1:2, :70], lens[1:2])
+    assert torch.allclose(lp[1, : ol[1]], alone[0], atol=1e-4)
+
+
+def test_feature_normalization_inside_model(model):
+    """Scaling/shifting the input features per utterance does not change the output."""
+    x = torch.randn(1, 64, 80)
+    lens = torch.tensor([64])
+    with torch.no_grad():
+        a, _ = model(x, lens)
+        b, _ = model(x * 3.0 + 7.0, lens)
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_onnx_export_matches_onnxruntime(model, tmp_path):
+    path = tmp_path / "m.onnx"
+    x = torch.randn(2, 64, 80)
+    lens = torch.tensor([64, 40])
+    torch.onnx.export(
+        model, (x, lens), str(path), dynamo=False, opset_version=17,
+        input_names=["feats", "lengths"], output_names=["log_probs", "out_lengths"],
+        dynamic_axes={"feats": {0: "batch", 1: "time"}, "lengths": {0: "batch"},
+                      "log_probs": {0: "batch", 1: "time_out"}, "out_lengths": {0: "batch"}},
+    )
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(3)
+    for b, t in [(3, 157), (1, 41)]:  # neither equals the export shape (2, 64)
+        feats = torch.randn(b, t, 80, generator=gen) * 3 + 2
+        lens = torch.full((b,), t, dtype=torch.long)
+        lens[1:] = torch.randint(t // 2, t, (b - 1,), generator=gen)
+        with torch.no_grad():
+            lp, ol = model(feats, lens)
+        got_lp, got_ol = sess.run(None, {"feats": feats.numpy(), "lengths": lens.numpy()})
+        assert got_lp.shape == tuple(lp.shape)
+        np.testing.assert_array_equal(got_ol, ol.numpy())
+        for i in range(b):  # compare valid frames only
+            n = int(ol[i])
+            np.testing.assert_allclose(got_lp[i, :n], lp[i, :n].numpy(), atol=1e-4, rtol=0)
+
+
+def test_gradients_flow():
+    torch.manual_seed(0)
+    m = ConformerCTC(**KW).train()
+    x = torch.randn(2, 50, 80)
+    lens = torch.tensor([50, 33])
+    lp, ol = m(x, lens)
+    tgt = torch.randint(1, 29, (2, 5))
+    loss = torch.nn.functional.ctc_loss(lp.transpose(0, 1), tgt, ol, torch.tensor([5, 4]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_specaugment_train_only_seeded_and_within_length():
+    sa = SpecAugment(freq_masks=2, freq_mask_width=10, time_masks=2, time_mask_width=20)
+    x = torch.randn(3, 100, 80) + 5
+    lens = torch.tensor([100, 50, 30])
+    sa.eval()
+    assert torch.equal(sa(x, lens), x)
+    sa.train()
+    torch.manual_seed(7)
+    y1 = sa(x, lens)
+    torch.manual_seed(7)
+    y2 = sa(x, lens)
+    assert torch.equal(y1, y2)
+    changed = y1 != x
+    assert changed.any()
+    # time masks stay inside each utterance: a padded frame only changes through a freq mask,
+    # i.e. a changed mel bin there is changed for every padded frame
+    pad = changed[2, 30:]  # (70, 80)
+    assert torch.equal(pad.all(0), pad.any(0))
+    # masked cells hold the utterance's per-mel mean over its valid frames
+    mean = x[2, :30].mean(0)
+    bins = torch.nonzero(changed[2, 0]).flatten()
+    if len(bins):
+        assert torch.allclose(y1[2, 0, bins], mean[bins], atol=1e-5)

@@ -1,0 +1,94 @@
+"""The DeepSpeed training loop on CPU: config generation, LR schedule, a real tiny training run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model_code.packaging import load_model_dir
+from model_code.training import (
+    TrainArgs,
+    build_ds_config,
+    lr_lambda_factory,
+    params_digest,
+    resolve_precision,
+    train,
+)
+from tests.model_code.train_helpers import tiny_args
+
+
+def test_ds_config_is_generated_from_the_typed_arguments(tmp_path):
+    a = tiny_args(tmp_path, grad_accum=3, grad_clip=2.5, zero_stage=2, precision="auto", lr=1e-3)
+    cpu = build_ds_config(a, "cpu")
+    assert cpu["gradient_accumulation_steps"] == 3
+    assert cpu["gradient_clipping"] == 2.5
+    assert cpu["zero_optimization"] == {"stage": 2}
+    assert cpu["optimizer"]["type"] == "AdamW" and cpu["optimizer"]["params"]["lr"] == 1e-3
+    assert cpu["optimizer"]["params"]["torch_adam"] is True  # no JIT-compiled CPU Adam
+    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]  # auto → fp32 on CPU
+    gpu = build_ds_config(a, "cuda")
+    assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["torch_adam"] is False
+    assert resolve_precision("bf16", "cpu") == "fp32" and resolve_precision("fp16", "cuda") == "fp16"
+    assert json.loads(json.dumps(cpu)) == cpu
+    assert TrainArgs.from_json(a.to_json()) == a
+
+
+def test_lr_schedules_warm_up_then_decay():
+    cos = lr_lambda_factory("cosine", warmup_steps=10, total_steps=100, min_lr_ratio=0.1)
+    warm = [cos(s) for s in range(10)]
+    assert warm == sorted(warm) and warm[0] == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    decay = [cos(s) for s in range(10, 100)]
+    assert decay == sorted(decay, reverse=True)
+    assert cos(99) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    noam = lr_lambda_factory("noam", warmup_steps=16, total_steps=100, min_lr_ratio=0.0)
+    assert noam(15) == pytest.approx(1.0) and noam(63) == pytest.approx(math.sqrt(16 / 64))
+    with pytest.raises(ValueError):
+        lr_lambda_factory("step", 1, 1, 0.0)
+
+
+def test_tiny_run_learns_logs_and_packages_a_loadable_model(tmp_path):
+    seen_steps, seen_epochs = [], []
+    a = tiny_args(tmp_path, epochs=3, num_workers=1, grad_accum=2, lm_texts=True)
+    res = train(a, on_step=seen_steps.append, on_epoch_end=lambda e, r: seen_epochs.append((e, r)))
+    # grad_accum=2: 10 batches per epoch → 5 optimizer steps
+    assert res["steps"] == 15 and [r["step"] for r in seen_steps] == list(range(1, 16))
+    losses = [r["loss"] for r in seen_steps]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])  # it learns
+    assert [e for e, _ in seen_epochs] == [0, 1, 2]
+    last = seen_epochs[-1][1]
+    assert 0.0 <= last["dev_cer"] <= 1.5 and res["dev_cer"] == last["dev_cer"]
+    for r in seen_steps:
+        assert r["grad_norm"] > 0 and r["audio_s_per_s"] > 0
+        assert 0.0 <= r["data_wait_share"] <= 1.0 and 0.0 <= r["padding_share"] < 1.0
+    assert last["batch_load_p95_s"] > 0
+    # warmup (3 steps) then cosine decay
+    lrs = [r["lr"] for r in seen_steps]
+    assert lrs[2] == pytest.approx(3e-3) and lrs[-1] < lrs[3]
+    # the packaged model is the trained one, and ships the LM built from the transcripts
+    out = tmp_path / "out"
+    model, tok, info = load_model_dir(out / res["model_dir"])
+    assert params_digest(model) == res["params_sha256"]
+    assert info["lm"] is not None and (out / "model" / "lm.arpa").read_text().startswith("\n\\data\\") or (
+        out / "model" / "lm.arpa"
+    ).read_text().lstrip().startswith("\\data\\")
+    assert info["meta"]["steps"] == 15
+    lines = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert [x["type"] for x in lines].count("epoch") == 3
+    assert json.loads((out / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
+    # the run restored the process-wide settings it changed
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_time_cap_stops_cleanly_after_a_step_then_evaluates_and_saves(tmp_path):
+    a = tiny_args(tmp_path, epochs=50, max_minutes=1e-6, checkpoint_dir=str(tmp_path / "ck"))
+    res = train(a)
+    assert res["stopped_early"] and res["steps"] == 1 and res["epochs"] == 0
+    assert res["history"][-1]["complete"] is False and res["dev_cer"] is not None
+    assert (tmp_path / "out" / "model" / "model.json").exists()
+    # the same command again: the capped run is finished, nothing more is trained
+    again = train(a)
+    assert again["steps"] == 1 and again["resumed_from"] == 1

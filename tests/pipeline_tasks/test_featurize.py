@@ -1,0 +1,112 @@
+"""featurize: content-addressed feature cache, incremental runs, the index, Airflow-style mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from data_contracts.schema import FEATURE_INDEX_SCHEMA
+from model_code.dataset import FEATURE_SHARD_SCHEMA, FeatureTable
+from model_code.features import feature_kwargs, logmel
+from pipeline_tasks import featurize
+from pipeline_tasks.config import load_config
+from pipeline_tasks.contract import resolve
+from tests.pipeline_tasks.featurize_helpers import make_rows, write_validate_result
+
+
+@pytest.fixture()
+def cfg(tmp_path):
+    return load_config("tiny", [f"paths.root={tmp_path / 'art'}", "features.shard_size=8", "features.jobs=2"])
+
+
+def _ws(cfg):
+    from pathlib import Path
+
+    return Path(cfg.paths.data_workspace)
+
+
+def test_featurize_rerun_and_incremental(cfg, tmp_path):
+    ids = [f"u{i:03d}" for i in range(18)]
+    rows = make_rows(_ws(cfg), ids, long_form_ids={"u017"})
+    v1 = write_validate_result(tmp_path / "v1", rows)
+
+    shards = featurize.plan(cfg, {"validate": v1})
+    assert [len(s["audio_hashes"]) for s in shards] == [8, 8, 2]
+
+    r1 = featurize.run(cfg, {"validate": v1})
+    assert r1["n_utts"] == 18 and r1["n_computed"] == 18 and r1["n_long_form"] == 1
+    cache = sorted(p.name for p in (cfg.root / "feature_cache" / r1["feature_hash"]).glob("shard-*.parquet"))
+    assert len(cache) == 3 and cache == sorted(s["name"] for s in shards)
+
+    index = pq.read_table(resolve(r1, r1["index"]))
+    assert index.schema.equals(FEATURE_INDEX_SCHEMA, check_metadata=False)
+    assert index.column("id").to_pylist() == ids  # manifest order
+    assert index.column("long_form").to_pylist() == [u == "u017" for u in ids]
+    shard0 = pq.read_table(index.column("shard")[0].as_py())
+    assert shard0.schema.equals(FEATURE_SHARD_SCHEMA, check_metadata=False)
+
+    # cached features are logmel() of the stored FLAC, rounded to float16
+    table = FeatureTable(resolve(r1, r1["index"]))
+    for i in (0, 9, 17):
+        wave, _ = sf.read(_ws(cfg) / rows[i]["audio_path"], dtype="float32")
+        ref = logmel(wave, **feature_kwargs(cfg.features))
+        got = table.features(i)
+        assert got.shape == ref.shape == (int(table.n_frames()[i]), 80)
+        np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3)
+
+    # unchanged inputs: same result, nothing planned, no shard rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in (cfg.root / "feature_cache").rglob("shard-*.parquet")}
+    assert featurize.plan(cfg, {"validate": v1}) == []
+    assert featurize.run(cfg, {"validate": v1}) == r1
+    forced = featurize.run(cfg, {"validate": v1}, force=True)
+    assert forced["n_computed"] == 0 and forced["index_md5"] == r1["index_md5"]
+
+    # a new week: 4 more utterances (and one duplicate of an old audio under a new id)
+    new_rows = make_rows(_ws(cfg), [f"w2-{i}" for i in range(4)], batch="week-002")
+    dup = dict(rows[0], id="dup-of-u000", batch="week-002")
+    v2 = write_validate_result(tmp_path / "v2", rows + new_rows + [dup])
+    r2 = featurize.run(cfg, {"validate": v2})
+    assert r2["n_computed"] == 4 and r2["n_utts"] == 23
+    after = {p: p.stat().st_mtime_ns for p in (cfg.root / "feature_cache").rglob("shard-*.parquet")}
+    assert {p: after[p] for p in mtimes} == mtimes  # old shards never rewritten
+    assert len(after) == 4
+    idx2 = pq.read_table(resolve(r2, r2["index"])).to_pylist()
+    by_id = {r["id"]: r for r in idx2}
+    assert (by_id["dup-of-u000"]["shard"], by_id["dup-of-u000"]["row"]) == (
+        by_id["u000"]["shard"],
+        by_id["u000"]["row"],
+    )
+
+
+def test_run_shard_is_idempotent_and_mappable(cfg, tmp_path):
+    rows = make_rows(_ws(cfg), [f"m{i}" for i in range(10)])
+    v = write_validate_result(tmp_path / "v", rows)
+    shards = featurize.plan(cfg, {"validate": v})
+    assert len(shards) == 2
+    # Airflow maps run_shard over the plan; a retried task finds its shard and computes nothing
+    results = [featurize.run_shard(cfg, {"validate": v}, s) for s in shards]
+    assert [r["n_computed"] for r in results] == [8, 2]
+    assert featurize.run_shard(cfg, {"validate": v}, shards[0])["n_computed"] == 0
+    # a temp file left by a killed attempt is ignored by lookups and by the next plan
+    (cfg.root / "feature_cache" / "x").mkdir(exist_ok=True)
+    (
+        cfg.root / "feature_cache" / featurize.feature_hash(cfg.features) / ".tmp-shard-dead.parquet.1.x"
+    ).write_bytes(b"x")
+    assert featurize.plan(cfg, {"validate": v}) == []
+    res = featurize.finalize(cfg, {"validate": v}, results)
+    assert res["n_computed"] == 10 and res["n_utts"] == 10
+
+
+def test_missing_features_fail_finalize_and_new_config_gets_new_cache(cfg, tmp_path):
+    rows = make_rows(_ws(cfg), [f"c{i}" for i in range(3)])
+    v = write_validate_result(tmp_path / "v", rows)
+    with pytest.raises(RuntimeError, match="no cached features"):
+        featurize.finalize(cfg, {"validate": v}, [])
+    r40 = featurize.run(
+        cfg.model_copy(update={"features": cfg.features.model_copy(update={"n_mels": 40})}), {"validate": v}
+    )
+    r80 = featurize.run(cfg, {"validate": v})
+    assert r40["feature_hash"] != r80["feature_hash"] and r40["n_computed"] == r80["n_computed"] == 3
+    assert FeatureTable(resolve(r40, r40["index"])).features(0).shape[1] == 40

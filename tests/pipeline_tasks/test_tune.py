@@ -1,0 +1,288 @@
+"""Tests of the tune step: a shared Optuna study over real RDB storage (SQLite), real MLflow.
+
+Most tests exercise the storage/worker logic (parallel workers, reruns, heartbeat retry,
+conditional params, naming) with a quick synthetic trial function instead of training, so
+they run in seconds; ``test_real_fit_on_tiny_proxy`` runs the production objective
+(``train.fit`` on the tiny proxy split).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline_tasks import tune
+from pipeline_tasks.config import load_config
+
+QUICK = "tests.pipeline_tasks.test_tune:quick_trial"
+HANG = "tests.pipeline_tasks.test_tune:hang_trial"
+
+
+def quick_trial(trial_cfg, ctx, on_epoch_end):
+    """A fast stand-in for ``fit``: a deterministic learning curve of (lr, dropout)."""
+    lr = trial_cfg.train.lr
+    drop = trial_cfg.model.dropout
+    floor = 0.2 + 0.3 * abs(math.log10(lr) - math.log10(0.002)) + 0.5 * (drop - 0.05) ** 2
+    wer = 1.0
+    for epoch in range(1, ctx.epochs + 1):
+        wer = floor + (1.0 - floor) * math.exp(-epoch / 1.5)
+        time.sleep(float(os.environ.get("TUNE_TEST_SLEEP", "0.02")))
+        on_epoch_end(epoch, {"dev_wer": wer, "dev_cer": wer / 2, "loss": wer})
+    return {"dev_wer": wer, "latency_ms_per_s": 10.0 * trial_cfg.model.d_model / 32}
+
+
+def hang_trial(trial_cfg, ctx, on_epoch_end):
+    """A trial that never ends by itself: the test kills its worker mid-trial."""
+    Path(os.environ["TUNE_TEST_MARKER"]).write_text(str(ctx.trial_number))
+    time.sleep(600)
+    raise AssertionError("unreachable")
+
+
+def make_cfg(root: Path, extra: list[str] | None = None):
+    """A tiny-profile config with its own root; the tune tests do not need the corpus."""
+    return load_config(
+        "tiny",
+        [
+            f"paths.root={root}",
+            "tune.heartbeat_interval_s=1",
+            "tune.grace_period_s=2",
+            *(extra or []),
+        ],
+    )
+
+
+def fake_split(root: Path, proxy_md5: str = "0" * 32) -> dict:
+    """A split result whose files are never read (proxy_fraction=1, quick trial fn)."""
+    out = root / "split" / "fake"
+    out.mkdir(parents=True, exist_ok=True)
+    return {"split": {"output_dir": str(out), "proxy": "proxy.parquet", "dev": "dev.parquet",
+                      "proxy_md5": proxy_md5, "dev_md5": "1" * 32}}
+
+
+def _study(cfg, inputs):
+    return tune.open_study(cfg, tune.study_name(cfg, inputs), heartbeat=False)
+
+
+def test_two_parallel_workers_share_one_study(tmp_path):
+    cfg = make_cfg(tmp_path, ["tune.n_trials=6", "tune.n_workers=2", "tune.epochs=3"])
+    inputs = fake_split(tmp_path)
+    os.environ["TUNE_TEST_SLEEP"] = "0.15"  # long enough that both workers get trials
+    try:
+        res = tune.run(cfg, inputs, trial_fn=QUICK)
+    finally:
+        os.environ.pop("TUNE_TEST_SLEEP")
+    assert res["workers"] == [0, 1]
+    assert res["n_trials_complete"] + res["n_trials_pruned"] == 6
+    assert {r["worker"] for r in res["worker_results"]} == {0, 1}
+    assert sum(r["complete"] + r["pruned"] for r in res["worker_results"]) == 6
+    assert set(res["best_overrides"]) == {"train.lr", "model.dropout"}
+    best = json.loads(tune.resolve(res, res["best_config"]).read_text())
+    assert best["overrides"] == res["best_overrides"]
+    assert best["value"] == pytest.approx(res["best_value"])
+    assert res["storage"].startswith("sqlite:///")
+    # plots and importances were produced (HTML via plotly, PNG via matplotlib)
+    out = Path(res["output_dir"])
+    assert (out / "plots" / "optimization_history.png").exists()
+    assert (out / "plots" / "intermediate_values.html").exists()
+    imp = json.loads((out / "importances.json").read_text())
+    assert set(imp["fanova"]) == {"train.lr", "model.dropout"}
+    # MLflow: a parent run with one nested run per executed trial
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.registry.tracking_uri)
+    parent = client.get_run(res["mlflow_run_id"])
+    assert parent.data.metrics["best_dev_wer"] == pytest.approx(res["best_value"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 6
+    # pruned trials end KILLED, complete ones FINISHED; each logged its per-epoch WER
+    statuses = sorted(c.info.status for c in children)
+    assert statuses.count("KILLED") == res["n_trials_pruned"]
+    assert statuses.count("FINISHED") == res["n_trials_complete"]
+    for c in children:
+        hist = client.get_metric_history(c.info.run_id, "trial/dev_wer")
+        assert len(hist) == (3 if c.info.status == "FINISHED" else len(hist)) and hist
+        assert c.data.params["tune.worker"] in ("0", "1")
+
+
+def test_rerun_continues_the_same_study(tmp_path):
+    cfg3 = make_cfg(tmp_path, ["tune.n_trials=3", "tune.n_workers=1"])
+    inputs = fake_split(tmp_path)
+    first = tune.run(cfg3, inputs, trial_fn=QUICK)
+    assert first["n_trials_complete"] + first["n_trials_pruned"] == 3
+    # same inputs, same settings: the cached result comes back, nothing new runs
+    again = tune.run(cfg3, inputs, trial_fn=QUICK)
+    assert again == first
+    # more trials asked for: the same study continues up to 5 finished trials, not beyond
+    cfg5 = make_cfg(tmp_path, ["tune.n_trials=5", "tune.n_workers=1"])
+    assert tune.study_name(cfg5, inputs) == first["study_name"]
+    second = tune.run(cfg5, inputs, trial_fn=QUICK)
+    assert second["study_name"] == first["study_name"]
+    assert second["n_trials_complete"] + second["n_trials_pruned"] == 5
+    assert second["worker_results"][0]["complete"] + second["worker_results"][0]["pruned"] == 2
+    # a worker started on a finished study runs nothing
+    extra = tune.run_worker(cfg5, inputs, 7, trial_fn=QUICK)
+    assert extra["complete"] + extra["pruned"] == 0
+    import optuna
+
+    summaries = optuna.study.get_all_study_summaries(tune.make_storage(cfg5, heartbeat=False))
+    assert [s.study_name for s in summaries] == [first["study_name"]]
+    assert len(_study(cfg5, inputs).trials) == 5
+
+
+def test_killed_worker_trial_is_retried_via_heartbeat(tmp_path):
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    cfg = make_cfg(tmp_path, ["tune.n_trials=3", "tune.n_workers=2"])
+    inputs = fake_split(tmp_path)
+    tune.prepare(cfg, inputs)
+    marker = tmp_path / "hang-started"
+    os.environ["TUNE_TEST_MARKER"] = str(marker)
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(
+        target=tune._worker_entry, args=(cfg.dump(), inputs, 1, HANG, str(tmp_path / "w1.json"))
+    )
+    proc.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.is_alive() and time.monotonic() < deadline, "hanging worker never started its trial"
+            time.sleep(0.2)
+        hung = int(marker.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+    finally:
+        os.environ.pop("TUNE_TEST_MARKER")
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    study = _study(cfg, inputs)
+    assert study.trials[hung].state == TrialState.RUNNING  # dead, but nobody knows yet
+    res = tune.run_worker(cfg, inputs, 0, trial_fn=QUICK)
+    study = _study(cfg, inputs)
+    assert study.trials[hung].state == TrialState.FAIL
+    retried = [
+        t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == hung
+    ]
+    assert len(retried) == 1
+    assert retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retried[0].params == study.trials[hung].params  # same config, re-run
+    assert retried[0].user_attrs["worker"] == 0
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 3
+    assert res["complete"] + res["pruned"] == 3
+
+
+def test_conditional_params_and_derived_overrides(tmp_path):
+    import optuna
+
+    space = {
+        "train.schedule": {"type": "categorical", "choices": ["cosine", "noam"]},
+        "train.min_lr_ratio": {"type": "float", "low": 0.01, "high": 0.2, "condition": {"train.schedule": "cosine"}},
+        "train.warmup_steps": {"type": "int", "low": 10, "high": 50, "step": 10, "condition": {"train.schedule": ["noam"]}},
+        "model.d_model": {"type": "categorical", "choices": [30, 32, 48]},
+        "train.sampler.max_duration_s": {"type": "categorical", "choices": [20, 80]},
+        "train.lr": {"type": "float", "low": 0.001, "high": 0.004, "log": True},
+    }
+    cfg = make_cfg(tmp_path, [f"tune.space={json.dumps(space)}", "model.n_heads=4"])
+    tune.validate_space(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        params = tune.sample_params(trial, cfg)
+        sched = params["train.schedule"]
+        seen.add(sched)
+        assert ("train.min_lr_ratio" in params) == (sched == "cosine")
+        assert ("train.warmup_steps" in params) == (sched == "noam")
+        overrides, info = tune.derive_overrides(cfg, params)
+        # lr is scaled by sqrt(sampled batch duration / base 40 s)
+        ratio = params["train.sampler.max_duration_s"] / 40
+        assert overrides["train.lr"] == pytest.approx(params["train.lr"] * math.sqrt(ratio))
+        heads = overrides.get("model.n_heads", 4)
+        assert params["model.d_model"] % heads == 0
+        trial_cfg = tune.apply_overrides(cfg, overrides)  # validates against the real config
+        assert trial_cfg.model.d_model == params["model.d_model"]
+        study.tell(trial, 0.5)
+    assert seen == {"cosine", "noam"}
+    assert tune.derive_overrides(cfg, {"model.d_model": 30})[0]["model.n_heads"] == 3
+    # bad spaces are refused with a readable message
+    with pytest.raises(ValueError, match="not a config key"):
+        tune.validate_space(make_cfg(tmp_path, ['tune.space={"train.nope": {type: int, low: 1, high: 2}}']))
+    with pytest.raises(ValueError, match="cyclic"):
+        tune.validate_space(make_cfg(tmp_path, [
+            'tune.space={"train.lr": {type: float, low: 0.1, high: 0.2, condition: {model.dropout: 0.1}},'
+            ' "model.dropout": {type: float, low: 0.0, high: 0.2, condition: {train.lr: 0.1}}}'
+        ]))
+
+
+def test_param_budget_rejects_big_models(tmp_path):
+    space = {"model.d_model": {"type": "categorical", "choices": [16, 256]}}
+    small = make_cfg(tmp_path, ["model.d_model=16"])
+    budget = (tune.estimate_params(small) + tune.estimate_params(make_cfg(tmp_path, ["model.d_model=256"]))) // 2
+    cfg = make_cfg(tmp_path, [f"tune.space={json.dumps(space)}", f"tune.max_params={budget}", "tune.n_trials=6",
+                              "tune.n_workers=1", "tune.pruner=none"])
+    inputs = fake_split(tmp_path)
+    res = tune.run(cfg, inputs, trial_fn=QUICK)
+    trials = json.loads(tune.resolve(res, res["trials"]).read_text())
+    rejected = [t for t in trials if t["rejected"] == "param_budget"]
+    assert rejected and all(t["params"]["model.d_model"] == 256 and t["state"] == "PRUNED" for t in rejected)
+    assert res["best_overrides"]["model.d_model"] == 16
+
+
+def test_study_name_tracks_space_and_proxy_md5(tmp_path):
+    cfg = make_cfg(tmp_path)
+    a = tune.study_name(cfg, fake_split(tmp_path, "a" * 32))
+    assert a == tune.study_name(cfg, fake_split(tmp_path, "a" * 32))
+    assert a != tune.study_name(cfg, fake_split(tmp_path, "b" * 32))
+    space = {k: v.model_dump() for k, v in cfg.tune.space.items()}
+    space["train.lr"]["low"] = 0.0001
+    wider = make_cfg(tmp_path, [f"tune.space={json.dumps(space)}"])
+    assert tune.study_name(wider, fake_split(tmp_path, "a" * 32)) != a
+    assert tune.study_name(make_cfg(tmp_path, ["tune.pruner=median"]), fake_split(tmp_path, "a" * 32)) != a
+    # operational settings continue the same study
+    assert tune.study_name(make_cfg(tmp_path, ["tune.n_workers=5", "tune.n_trials=50"]), fake_split(tmp_path, "a" * 32)) == a
+
+
+def test_disabled_returns_empty_overrides(tmp_path):
+    cfg = make_cfg(tmp_path, ["tune.enabled=false"])
+    res = tune.run(cfg, fake_split(tmp_path))
+    assert res["best_overrides"] == {}
+    assert (Path(res["output_dir"]) / "_SUCCESS.json").exists()
+
+
+def test_multi_objective_pareto_front(tmp_path):
+    space = {
+        "model.d_model": {"type": "categorical", "choices": [16, 32, 64]},
+        "train.lr": {"type": "float", "low": 0.0005, "high": 0.005, "log": True},
+    }
+    cfg = make_cfg(tmp_path, [f"tune.space={json.dumps(space)}", "tune.multi_objective=true",
+                              "tune.n_trials=6", "tune.n_workers=1", "tune.epochs=2"])
+    res = tune.run(cfg, fake_split(tmp_path), trial_fn=QUICK)
+    front = json.loads(tune.resolve(res, res["pareto_front"]).read_text())
+    assert front and res["best_value"] == pytest.approx(min(p["dev_wer"] for p in front))
+    assert res["best_overrides"] == front[0]["overrides"]
+    # no Pareto point is dominated by another
+    for p in front:
+        assert not any(q["dev_wer"] <= p["dev_wer"] and q["latency_ms_per_s"] < p["latency_ms_per_s"] for q in front)
+    assert res["n_trials_pruned"] == 0  # pruning is off for multi-objective studies
+
+
+def test_fidelity_check_spearman(tmp_path):
+    cfg = make_cfg(tmp_path, ["tune.n_trials=5", "tune.n_workers=1", "tune.pruner=none",
+                              "tune.fidelity_check_top_k=3"])
+    res = tune.run(cfg, fake_split(tmp_path), trial_fn=QUICK)
+    fc = res["fidelity_check"]
+    assert fc["k"] == 3 and fc["epochs"] == 2
+    # the quick curve's ranking does not change with more epochs
+    assert res["fidelity_spearman"] == pytest.approx(1.0)
