@@ -15,7 +15,7 @@ The corpus is ``asrflow corpus generate``'s synthetic speech (espeak-ng), decode
 like ingest does. Lhotse is bench-only: ``make bench`` installs it; without it, part 1 says so and
 the rest still runs.
 
-    .venv/bin/python bench/featurize.py [--utterances 200] [--jobs 2] [--repeats 2]
+    .venv/bin/python bench/featurize.py [--utterances 200] [--jobs 2] [--shard-size 100] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import soundfile as sf  # noqa: E402
 
 from data_contracts.schema import UTTERANCE_SCHEMA  # noqa: E402
 from model_code.audio import load_audio, pcm16_hash, write_flac  # noqa: E402
-from model_code.dataset import FeatureTable  # noqa: E402
 from model_code.features import feature_kwargs, logmel  # noqa: E402
 from pipeline_tasks.config import FeatureConfig  # noqa: E402
 from pipeline_tasks.featurize import featurize_manifest  # noqa: E402
@@ -138,6 +137,8 @@ def lhotse_run(manifest: Path, ws: Path, jobs: int, out: Path) -> Timer:
 
 def layout_bench(index: Path, work: Path, repeats: int) -> dict:
     """list<float16> vs large_binary float16 bytes (+ zstd), on the real features of the corpus."""
+    from model_code.dataset import FeatureTable
+
     table = FeatureTable(index)
     feats = [table.features(i).astype(np.float16) for i in range(len(table))]
     n_mels = feats[0].shape[1]
@@ -183,7 +184,7 @@ def main() -> None:
     ap.add_argument("--utterances", type=int, default=200)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--shard-size", type=int, default=50)
+    ap.add_argument("--shard-size", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     cmd = (
@@ -192,7 +193,7 @@ def main() -> None:
     )
     WORK.mkdir(parents=True, exist_ok=True)
     ws, manifest, hours = make_corpus(args.utterances, args.seed, args.jobs)
-    fcfg = FeatureConfig(shard_size=args.shard_size, jobs=args.jobs)
+    fcfg = FeatureConfig(shard_size=args.shard_size, jobs=args.jobs, parallel_min_audio_s=0)  # always the pool
     n = pq.read_metadata(manifest).num_rows
     print(f"corpus: {n} utterances, {hours * 60:.1f} audio-minutes, 16 kHz FLAC; cores: {os.cpu_count()}")
     figures: dict = {"command": cmd, "utterances": n, "audio_hours": hours, "cpu_count": os.cpu_count()}
@@ -260,6 +261,10 @@ def main() -> None:
         )
 
     # (2) cached read vs recompute from FLAC (single process both)
+    # (imported here, not at the top: spawned featurize workers re-import this script, and torch
+    # in every worker would be charged to our throughput)
+    from model_code.dataset import FeatureTable
+
     index = WORK / "root-full" / "index.parquet"
     m = pq.read_table(manifest, columns=["audio_path"]).column("audio_path").to_pylist()
     kw = feature_kwargs(fcfg)

@@ -4,10 +4,10 @@
 **Manual trigger only** (no schedule). Run it after `asr_retraining` has put a candidate on
 the MLflow alias **`staging`** and you want it to serve.
 
-* `rollback` **off** (default): `canary_check` loads the `staging` model and checks it on the
-  newest dev data (WER must stay under `registry.canary_max_wer`); if it passes,
-  `promote_production` points the alias **`production`** at the `staging` version (the
-  version it replaces is kept as `previous-production`).
+* `rollback` **off** (default): `canary_check` loads the `staging` model (ONNX) and checks it
+  on the newest week's dev data (WER must stay under `registry.canary_max_wer`; the task fails
+  otherwise); then `promote_production` points the alias **`production`** at the `staging`
+  version (the version it replaces gets the alias `previous-production`).
 * `rollback` **on**: `rollback` points `production` back to `previous-production`;
   the canary/promote tasks are skipped.
 
@@ -74,16 +74,25 @@ def asr_promote_production():
 
     @task(task_id="canary_check", multiple_outputs=False, **retry_kwargs())
     def canary_check() -> dict:
+        """WER of the `staging` version on the newest week's dev rows; fails the run if too high."""
         from pipeline_tasks import promote
+        from pipeline_tasks.inference import alias_version
 
         cfg = run_config()
-        check = getattr(promote, "canary_check", None)
-        if check is None:  # the promote module runs its canary inside promote_production
-            return {"checked_by": "promote_production"}
-        res = check(cfg)
-        if isinstance(res, dict) and res.get("passed") is False:
-            raise RuntimeError(f"canary check failed: {res.get('reason', res)}")
-        return res
+        staging = alias_version(cfg, promote.STAGING, cfg.registry.model_name)
+        from airflow.sdk.exceptions import AirflowFailException  # fail now: retrying will not help
+
+        if staging is None:
+            raise AirflowFailException(f"no version of {cfg.registry.model_name!r} has alias {promote.STAGING!r}")
+        res = promote.canary(cfg, staging)
+        passed = res["wer"] < cfg.registry.canary_max_wer
+        print(
+            f"canary: staging v{staging.version} WER {res['wer']:.4f} on {res['n_utts']} utterances of "
+            f"{res['batch']} (max {cfg.registry.canary_max_wer:g}): {'PASS' if passed else 'FAIL'}"
+        )
+        if not passed:
+            raise AirflowFailException(f"canary failed: WER {res['wer']:.4f} >= {cfg.registry.canary_max_wer:g}")
+        return {**res, "passed": passed, "version": str(staging.version)}
 
     @task(task_id="promote_production", multiple_outputs=False, outlets=[PRODUCTION_MODEL], **retry_kwargs())
     def promote_production(canary: dict) -> dict:

@@ -19,6 +19,13 @@ tries a size that already failed for a shorter one (cost grows with duration).
 
 The result is cached in a JSON file keyed by a hash of (model config, hardware string, bucket
 durations, budget, search settings): a second call with the same key does no work.
+
+With the sampler::
+
+    sampler = DynamicBucketingSampler(durations, max_duration_s, num_buckets, ...)
+    sizes = probe_batch_sizes(None, sampler.bucket_max_durations(), device, budget_gb,
+                              model_factory=lambda: ConformerCTC(**kw), cache_path=..., model_config=kw)
+    sampler.set_bucket_batch_sizes(sizes)
 """
 
 from __future__ import annotations
@@ -81,7 +88,6 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- measuring
 def _profiled_peak_bytes(fn: Callable[[], None]) -> int:
     """Peak live tensor bytes allocated during ``fn()`` (CPU), from torch profiler memory events."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -104,7 +110,6 @@ def _profiled_peak_bytes(fn: Callable[[], None]) -> int:
     for _, size in allocs:
         cur += size
         peak = max(peak, cur)
-    del torch
     return peak
 
 
@@ -245,7 +250,6 @@ def probe_batch_sizes(
     fits_at = _fits_factory(step_fn, device, budget, held)
     step_fn(1, min(durations) if durations else 1.0)  # warm-up: allocates optimizer state etc.
 
-    out: list[int] = []
     upper_fail: int | None = None
     order = sorted(range(len(durations)), key=lambda i: durations[i])
     result: dict[int, int] = {}

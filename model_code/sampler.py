@@ -6,20 +6,29 @@ careless sampling). This sampler
 
 1. **estimates bucket boundaries** from the durations so each bucket holds the same *total*
    duration (``num_buckets`` buckets; optionally each split again by token length into
-   ``num_token_buckets`` — 2D buckets — with the same equal-duration rule);
+   ``num_token_buckets`` — 2D buckets — with the same equal-duration rule). A small dataset gets
+   fewer buckets: at most one per ``min_batches_per_bucket`` batches' worth of audio, because a
+   bucket smaller than a batch only produces small, partly filled batches;
 2. each epoch, **shuffles each bucket** with an RNG seeded by ``(seed, epoch)`` and cuts it into
    *pools* of about ``sort_pool_batches`` batches' worth of audio; each pool is **sorted by
    duration** and batches are **filled greedily** from sorted neighbours while the *padded* cost
    ``n × max_d`` (plus Lhotse's quadratic term ``n × max_d² / quadratic_duration_s``) stays within
    ``max_duration_s`` (and ``n ≤ bucket_batch_sizes[bucket]`` if given, e.g. from
    :mod:`model_code.memory_probe`). The unfinished batch at the end of a pool is carried into the
-   next pool, so only the last batch of a bucket may be partly filled;
+   next pool; each bucket's final unfinished batch goes to a common leftover pool, which is
+   sorted and batched the same way (neighbouring buckets' leftovers have similar durations), so
+   at most one batch per epoch is partly filled. Then (``balance=True``)
+   the cut points between those greedy batches are moved by a small dynamic program that keeps
+   the *same number* of batches (so the same mean batch size) and the budget, and minimizes
+   the total padded cost — greedy filling from the shortest up packs the early batches full and
+   leaves wide duration ranges for later ones, which matters when a bucket holds few batches
+   (skipped for pools whose greedy padding is already under 0.5 %);
 3. **shuffles the order of all batches** (same RNG);
 4. **shares batches between ranks**: every rank computes the same global list and takes
    ``batches[rank::world_size]``. For equal counts per rank the list is made a multiple of
    ``world_size`` — by splitting the largest batches in two (``drop_last=False``: every utterance
    still appears exactly once per epoch) or by dropping the last batches (``drop_last=True``,
-   which also drops each bucket's partly filled last batch).
+   which also drops the partly filled last batch of the leftover pool).
 
 An utterance whose cost alone exceeds the budget gets a batch of its own (it is never dropped).
 
@@ -67,10 +76,13 @@ class DynamicBucketingSampler:
         token_lengths: (N,) target lengths for 2D buckets; ``num_token_buckets`` splits per
             duration bucket.
         drop_last: drop each bucket's partly filled last batch and the global remainder.
-        bucket_batch_sizes: optional max batch size per duration bucket (``num_buckets`` ints,
-            after boundary de-duplication: see :attr:`num_duration_buckets`).
+        bucket_batch_sizes: optional max batch size per duration bucket: exactly
+            :attr:`num_duration_buckets` ints (see :meth:`set_bucket_batch_sizes`).
         sort_pool_batches: how many batches' worth of audio is sorted together (randomness vs.
             padding; larger → less padding, less variety between epochs).
+        min_batches_per_bucket: fewer buckets than ``num_buckets`` when the data holds less than
+            this many full batches per bucket (0 = always ``num_buckets``).
+        balance: re-split each pool's greedy batches for minimum padded cost (same count).
     """
 
     def __init__(
@@ -88,6 +100,8 @@ class DynamicBucketingSampler:
         drop_last: bool = False,
         bucket_batch_sizes: Sequence[int] | None = None,
         sort_pool_batches: int = 16,
+        min_batches_per_bucket: int = 4,
+        balance: bool = True,
     ) -> None:
         self.durations = np.asarray(durations, dtype=np.float64)
         if self.durations.ndim != 1:
@@ -109,21 +123,21 @@ class DynamicBucketingSampler:
         self.quadratic_duration_s = quadratic_duration_s
         self.drop_last = bool(drop_last)
         self.sort_pool_batches = max(int(sort_pool_batches), 1)
+        self.balance = bool(balance)
         n = len(self.durations)
 
         # --- bucket assignment (fixed for the dataset) ---
-        self.boundaries = equal_duration_boundaries(self.durations, self.num_buckets)
+        nb = self.num_buckets
+        if min_batches_per_bucket > 0 and n:
+            d = self.durations
+            total = float(d.sum() if quadratic_duration_s is None else (d + d * d / quadratic_duration_s).sum())
+            nb = int(min(nb, max(1, total // (self.max_duration_s * min_batches_per_bucket))))
+        self.boundaries = equal_duration_boundaries(self.durations, nb)
         dur_bucket = np.searchsorted(self.boundaries, self.durations, side="right")
         self.num_duration_buckets = len(self.boundaries) + 1
-        if bucket_batch_sizes is not None:
-            bbs = [int(x) for x in bucket_batch_sizes]
-            if len(bbs) < self.num_duration_buckets or min(bbs) < 1:
-                raise ValueError(
-                    f"bucket_batch_sizes needs {self.num_duration_buckets} positive ints, got {bbs}"
-                )
-            self.bucket_batch_sizes: list[int] | None = bbs
-        else:
-            self.bucket_batch_sizes = None
+        self._dur_bucket = dur_bucket
+        self.bucket_batch_sizes: list[int] | None = None
+        self.set_bucket_batch_sizes(bucket_batch_sizes)
         self.token_lengths = None
         sub = np.zeros(n, dtype=np.int64)
         self.num_token_buckets = max(int(num_token_buckets), 1)
@@ -153,26 +167,96 @@ class DynamicBucketingSampler:
         self._restored = False
         self._cache: tuple[int, list[list[int]]] | None = None
 
+    def set_bucket_batch_sizes(self, sizes: Sequence[int] | None) -> None:
+        """Cap the batch size per duration bucket (``None`` = no cap), e.g. with
+        ``memory_probe.probe_batch_sizes(..., sampler.bucket_max_durations(), ...)``.
+
+        Needs exactly :attr:`num_duration_buckets` positive ints (that count can be below
+        ``num_buckets`` for small datasets: probe ``bucket_max_durations()``, not your own bins).
+        """
+        n = len(self.durations)
+        if sizes is None:
+            self.bucket_batch_sizes = None
+            self._item_cap = np.full(n, np.iinfo(np.int64).max // 4, dtype=np.int64)
+        else:
+            bbs = [int(x) for x in sizes]
+            if len(bbs) != self.num_duration_buckets or min(bbs) < 1:
+                raise ValueError(
+                    f"bucket_batch_sizes needs exactly {self.num_duration_buckets} positive ints "
+                    f"(one per entry of bucket_max_durations()), got {bbs}"
+                )
+            self.bucket_batch_sizes = bbs
+            self._item_cap = np.asarray(bbs, dtype=np.int64)[self._dur_bucket]
+        self._cache = None
+
+    def bucket_max_durations(self) -> list[float]:
+        """Longest duration in each duration bucket (what :mod:`memory_probe` should probe)."""
+        b = np.searchsorted(self.boundaries, self.durations, side="right")
+        return [float(self.durations[b == k].max()) if np.any(b == k) else 0.0
+                for k in range(self.num_duration_buckets)]
+
     # ------------------------------------------------------------------ cost
     def cost(self, max_d: float, n: int) -> float:
         """Padded cost of a batch of ``n`` utterances whose longest lasts ``max_d`` seconds."""
         per = max_d if self.quadratic_duration_s is None else max_d + max_d * max_d / self.quadratic_duration_s
         return n * per
 
+    def _unit_costs(self, d: np.ndarray) -> np.ndarray:
+        """Per-utterance padded cost of a batch whose longest utterance is ``d`` (vectorized)."""
+        return d if self.quadratic_duration_s is None else d + d * d / self.quadratic_duration_s
+
     # ------------------------------------------------------------------ batches
-    def _bucket_batches(self, members: np.ndarray, cap: int | None, rng: np.random.Generator | None
-                        ) -> tuple[list[list[int]], bool]:
-        """Greedy batches for one bucket → (batches, whether the last one is partly filled)."""
+    def _fill(self, items: np.ndarray) -> tuple[list[list[int]], list[int]]:
+        """Greedy batches from ``items`` sorted ascending by duration → (full batches, leftover).
+
+        A batch is closed when the next utterance would break the budget or the batch-size cap
+        (the smallest cap among its utterances' buckets); the unfinished last one is returned
+        separately so the caller can carry it on.
+        """
+        d, caps = self.durations, self._item_cap
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        cur_max, cur_cap = 0.0, 0
+        for i in items.tolist():
+            m = max(cur_max, d[i])
+            c = min(cur_cap, caps[i]) if cur else caps[i]
+            if cur and (self.cost(m, len(cur) + 1) > self.max_duration_s or len(cur) + 1 > c):
+                batches.append(cur)
+                cur, m, c = [], d[i], caps[i]
+            cur.append(i)
+            cur_max, cur_cap = m, c
+        return batches, cur
+
+    def _is_full(self, batch: list[int]) -> bool:
+        """Would one more utterance as long as the longest break the budget or the cap?"""
+        d = self.durations
+        return (self.cost(float(d[batch].max()), len(batch) + 1) > self.max_duration_s
+                or len(batch) + 1 > int(self._item_cap[batch].min()))
+
+    def _balance(self, batches: list[list[int]]) -> list[list[int]]:
+        """Same number of batches over the same sorted utterances, minimum padded cost."""
+        d = self.durations
+        if not self.balance or len(batches) < 2 or _padding(d, batches) <= 0.005:
+            return batches
+        flat = [i for b in batches for i in b]
+        caps = np.minimum.accumulate(self._item_cap[flat])  # conservative: prefix minimum
+        sizes = _min_padding_split(self._unit_costs(d[flat]), len(batches), self.max_duration_s, caps)
+        if sizes is None:
+            return batches
+        bounds = np.cumsum([0, *sizes])
+        return [flat[bounds[k] : bounds[k + 1]] for k in range(len(sizes))]
+
+    def _bucket_batches(self, members: np.ndarray, rng: np.random.Generator | None
+                        ) -> tuple[list[list[int]], list[int]]:
+        """Full batches of one bucket (greedy fill, then balanced) and its leftover utterances."""
         d = self.durations
         if rng is None:
-            order = members[np.argsort(d[members], kind="stable")]
-            pools = [order]
+            pools = [members]
         else:
             order = members[rng.permutation(len(members))]
             mean_d = float(d[members].mean()) if len(members) else 1.0
             per_batch = max(int(self.max_duration_s // max(self.cost(mean_d, 1), 1e-9)), 1)
-            if cap is not None:
-                per_batch = min(per_batch, cap)
+            per_batch = min(per_batch, int(self._item_cap[members].min()))
             pool_size = max(per_batch * self.sort_pool_batches, 1)
             pools = [order[i : i + pool_size] for i in range(0, len(order), pool_size)]
         batches: list[list[int]] = []
@@ -180,36 +264,27 @@ class DynamicBucketingSampler:
         for pool in pools:
             items = np.concatenate([np.asarray(carry, dtype=np.int64), pool]) if carry else pool
             items = items[np.argsort(d[items], kind="stable")]
-            cur: list[int] = []
-            cur_max = 0.0
-            for i in items.tolist():
-                di = d[i]
-                m = max(cur_max, di)
-                if cur and (self.cost(m, len(cur) + 1) > self.max_duration_s or (cap is not None and len(cur) >= cap)):
-                    batches.append(cur)
-                    cur, m = [], di
-                cur.append(i)
-                cur_max = m
-            carry = cur
-        partial = False
-        if carry:
-            full = self.cost(max(d[carry]), len(carry) + 1) > self.max_duration_s or (
-                cap is not None and len(carry) >= cap
-            )
-            batches.append(carry)
-            partial = not full
-        return batches, partial
+            full, carry = self._fill(items)
+            batches.extend(self._balance(full))
+        return batches, carry
 
     def _global_batches(self, epoch: int) -> list[list[int]]:
         """Every rank's batches for ``epoch``, in order (depends only on seed, epoch and data)."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         batches: list[list[int]] = []
-        for b, members in self._buckets:
-            cap = self.bucket_batch_sizes[b] if self.bucket_batch_sizes is not None else None
-            bb, partial = self._bucket_batches(members, cap, rng)
-            if self.drop_last and partial:
-                bb = bb[:-1]
-            batches.extend(bb)
+        leftovers: list[int] = []
+        for _, members in self._buckets:
+            full, rest = self._bucket_batches(members, rng)
+            batches.extend(full)
+            leftovers.extend(rest)
+        if leftovers:
+            # each bucket's unfinished batch: pooled across (neighbouring) buckets and re-batched
+            items = np.asarray(leftovers, dtype=np.int64)
+            items = items[np.argsort(self.durations[items], kind="stable")]
+            full, rest = self._fill(items)
+            if rest and (not self.drop_last or self._is_full(rest)):
+                full.append(rest)
+            batches.extend(self._balance(full))
         if rng is not None and batches:
             perm = rng.permutation(len(batches))
             batches = [batches[i] for i in perm]
@@ -290,6 +365,51 @@ def _weighted_boundaries(values: np.ndarray, weights: np.ndarray, k: int) -> np.
         return np.zeros(0)
     idx = np.clip(np.searchsorted(cum, cum[-1] * np.arange(1, k) / k, side="left"), 0, len(v) - 1)
     return np.unique(v[idx])
+
+
+def _padding(d: np.ndarray, batches: list[list[int]]) -> float:
+    padded = sum(len(b) * float(d[b].max()) for b in batches)
+    return 0.0 if padded <= 0 else 1.0 - sum(float(d[b].sum()) for b in batches) / padded
+
+
+def _min_padding_split(unit: np.ndarray, k: int, budget: float, caps: np.ndarray | None) -> list[int] | None:
+    """Sizes of ``k`` contiguous groups of the ascending ``unit`` costs minimizing Σ size × max.
+
+    ``unit`` (M,) sorted ascending: a group ending at item i with m items costs ``m · unit[i]``
+    and must satisfy ``m · unit[i] <= budget`` (or m == 1) and ``m <= caps[i]``. Dynamic program over
+    (groups used, items covered), vectorized over items; O(k · max_group · M). Returns None when
+    no split into exactly ``k`` groups exists (never for the greedy count, which is feasible).
+    """
+    n = len(unit)
+    lim = np.maximum(np.floor(budget / np.maximum(unit, 1e-12) + 1e-9).astype(np.int64), 1)
+    if caps is not None:
+        lim = np.minimum(lim, np.maximum(caps, 1))
+    max_m = int(min(lim.max(), n))
+    inf = np.inf
+    prev = np.full(n + 1, inf)
+    prev[0] = 0.0
+    choice = np.zeros((k, n + 1), dtype=np.int32)
+    for g in range(k):
+        cur = np.full(n + 1, inf)
+        arg = np.zeros(n + 1, dtype=np.int32)
+        for m in range(1, max_m + 1):
+            # group of m items ending at item i-1 (prefix length i), i = m..n
+            cand = prev[: n + 1 - m] + m * unit[m - 1 :]
+            cand = np.where(lim[m - 1 :] >= m, cand, inf)
+            better = cand < cur[m:]
+            cur[m:] = np.where(better, cand, cur[m:])
+            arg[m:] = np.where(better, m, arg[m:])
+        prev = cur
+        choice[g] = arg
+    if not np.isfinite(prev[n]):
+        return None
+    sizes = []
+    i = n
+    for g in range(k - 1, -1, -1):
+        m = int(choice[g, i])
+        sizes.append(m)
+        i -= m
+    return sizes[::-1] if i == 0 else None
 
 
 def _split_to_multiple(batches: list[list[int]], w: int) -> list[list[int]]:

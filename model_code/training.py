@@ -103,8 +103,7 @@ class TrainArgs:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class StopTraining(Exception):
-    """Raised internally when every rank agreed to stop (time cap)."""
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,11 +390,19 @@ def train(
     t_start = time.monotonic()
     # process-global torch settings this run changes; restored on return (in-process callers)
     prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    # the rendezvous env vars an in-process run sets must not leak into later child processes
+    # (a child would inherit RANK/MASTER_PORT and try to bind the port this process holds)
+    prev_env = {k: os.environ.get(k) for k in _DIST_ENV}
     try:
         return _train(args, on_step, on_epoch_end, t_start)
     finally:
         torch.use_deterministic_algorithms(prev_det)
         torch.set_num_threads(prev_threads)
+        for k, v in prev_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, Any]:
@@ -548,6 +555,7 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
                     log_probs, out_lens = engine(feats.to(in_dtype), feat_lens)
                     loss = ctc_loss(log_probs, out_lens, b["tokens"].to(device), b["token_lens"].to(device))
                     engine.backward(loss)
+                    lr_used = float(scheduler.get_last_lr()[0])  # the LR this optimizer step applies
                     own_gn = None
                     if args.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
                         # DeepSpeed only records the norm for ZeRO >= 1 / fp16; compute it (pre-clip)
@@ -597,7 +605,7 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
                         "step": step,
                         "epoch": epoch,
                         "loss": loss_val,
-                        "lr": float(scheduler.get_last_lr()[0]),
+                        "lr": lr_used,
                         "grad_norm": float(gn) if gn is not None else None,
                         "audio_s_per_s": audio_global / max(dt, 1e-9),
                         "data_wait_share": acc["wait_s"] / max(dt, 1e-9),

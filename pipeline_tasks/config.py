@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,7 +68,7 @@ class IngestConfig(_Section):
     dvc_push: bool = True
     lock_timeout_s: float = 600.0  # how long a second ingest waits for the data-workspace lock
     jobs: int = Field(0, ge=0)  # decoding processes; 0 = all cores
-    pool_min_items: int = Field(8, ge=1)  # fewer items than this are decoded in-process (no pool start-up)
+    pool_min_items: int = Field(64, ge=1)  # fewer items are decoded in-process (a spawned worker costs seconds to start)
     copy_quarantined: bool = True  # copy the offending source file under paths.quarantine_dir/<batch>/
 
 
@@ -98,6 +99,9 @@ class FeatureConfig(_Section):
     shard_size: int = Field(500, ge=1)  # utterances per Parquet shard
     row_group_size: int = Field(64, ge=1)
     jobs: int = Field(0, ge=0)  # 0 = all cores
+    # a process pool only pays off for enough audio (a worker start costs ~0.5 CPU-s; log-mel ~0.2 CPU-s
+    # per audio-minute): below this much new audio, featurize computes in-process
+    parallel_min_audio_s: float = Field(1800.0, ge=0)
 
 
 class SplitConfig(_Section):
@@ -213,6 +217,7 @@ class TuneConfig(_Section):
     max_params: int | None = None  # parameter budget: bigger sampled models are rejected (pruned, 0 epochs)
     trial_max_minutes: float | None = None  # wall-clock cap passed to fit for one trial
     latency_max_utts: int = Field(32, ge=1)  # dev utterances timed for the multi-objective latency
+    plots: bool = True  # optimization history / intermediate values / importances plots (HTML + PNG)
     space: dict[str, SearchParam] = Field(default_factory=dict)
 
 
@@ -347,6 +352,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return out
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """Fill ``${VAR}`` / ``${VAR:-default}`` from the environment (server URLs: ports, hosts).
+
+    Used for ``tune.storage`` and ``registry.*``, so a profile can name a server whose port
+    the environment chooses (``configs/distributed.yaml``: the local stack's ports).
+    """
+
+    def sub(m: re.Match[str]) -> str:
+        val = os.environ.get(m.group(1))
+        if val:
+            return val
+        if m.group(2) is not None:
+            return m.group(2)
+        raise ValueError(f"the config refers to ${{{m.group(1)}}}, which is not set in the environment")
+
+    return _ENV_REF.sub(sub, value)
+
+
 def _resolve_paths(cfg: AsrflowConfig, base: Path) -> AsrflowConfig:
     """Make ``paths.root`` absolute (relative to ``base``) and the other paths absolute under it."""
     p = cfg.paths
@@ -366,11 +392,11 @@ def _resolve_paths(cfg: AsrflowConfig, base: Path) -> AsrflowConfig:
             updates[name] = str(vp if vp.is_absolute() else Path(root) / vp)
     new_paths = p.model_copy(update=updates)
     fmt = {"root": root}
-    tune = cfg.tune.model_copy(update={"storage": cfg.tune.storage.format(**fmt)})
+    tune = cfg.tune.model_copy(update={"storage": expand_env(cfg.tune.storage).format(**fmt)})
     reg = cfg.registry.model_copy(
         update={
-            "tracking_uri": cfg.registry.tracking_uri.format(**fmt),
-            "artifact_location": cfg.registry.artifact_location.format(**fmt),
+            "tracking_uri": expand_env(cfg.registry.tracking_uri).format(**fmt),
+            "artifact_location": expand_env(cfg.registry.artifact_location).format(**fmt),
         }
     )
     return cfg.model_copy(update={"paths": new_paths, "tune": tune, "registry": reg})

@@ -33,8 +33,9 @@ pipeline's artifact root, ``ASRFLOW_ROOT`` of every Airflow process; AIRFLOW_HOM
 
 Ports default to 15432 (Postgres), 16379 (Redis), 15500 (MLflow), 18380 (Airflow API/UI);
 ``ASRFLOW_DIST_PG_PORT`` / ``_REDIS_PORT`` / ``_MLFLOW_PORT`` / ``_API_PORT`` or the options change
-them. ``configs/distributed.yaml`` names the default ports; with other ports, runs need the
-overrides that :meth:`Stack.config_overrides` lists (``status`` prints them).
+them; the stack exports the ``ASRFLOW_DIST_*_PORT`` variables to every Airflow process and
+``configs/distributed.yaml`` fills its server URLs from them (``${ASRFLOW_DIST_PG_PORT:-15432}``).
+The weekly schedule is off unless ``--schedule``: runs are triggered (UI, REST, tests).
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     airflow_env: dict[str, str] = field(default_factory=dict)
     admin_password: str = ""
+    schedule: bool = False  # False: [scheduler] use_job_schedule off, only triggered runs (no weekly run)
 
     # ---- layout ---------------------------------------------------------------------------
     @property
@@ -246,25 +248,29 @@ class Stack:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['api']}"
 
-    def config_overrides(self) -> list[str]:
-        """Overrides that point ``configs/distributed.yaml`` at this stack's ports (empty with the defaults)."""
-        cfg = load_config(PROFILE, [f"paths.root={self.artifact_root}"])
-        out = []
-        if cfg.tune.storage != self.db_url("optuna"):
-            out.append(f"tune.storage={self.db_url('optuna')}")
-        if cfg.registry.tracking_uri != self.mlflow_url:
-            out.append(f"registry.tracking_uri={self.mlflow_url}")
-        return out
+    def port_env(self) -> dict[str, str]:
+        """``ASRFLOW_DIST_*_PORT``: what ``configs/distributed.yaml`` fills its server URLs from."""
+        return {PORT_ENV[k]: str(v) for k, v in self.ports.items()}
 
     def config(self, extra: list[str] | None = None):
-        """The distributed profile as this stack's Airflow tasks see it."""
-        return load_config(PROFILE, [f"paths.root={self.artifact_root}", *self.config_overrides(), *(extra or [])])
+        """The distributed profile as this stack's Airflow tasks see it (their env: ports, ASRFLOW_ROOT)."""
+        saved = {k: os.environ.get(k) for k in PORT_ENV.values()}
+        os.environ.update(self.port_env())
+        try:
+            return load_config(PROFILE, [f"paths.root={self.artifact_root}", *(extra or [])])
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     # ---- state file ------------------------------------------------------------------------
     def save(self) -> None:
         data = {
             "dir": str(self.dir),
             "ports": self.ports,
+            "schedule": self.schedule,
             "procs": [asdict(p) for p in self.procs],
             "urls": {"airflow": self.api_url, "mlflow": self.mlflow_url, "postgres": self.db_url("airflow")},
             "manager_pid": os.getpid(),
@@ -281,7 +287,11 @@ class Stack:
         if not path.exists():
             return None
         data = json.loads(path.read_text())
-        st = cls(dir=Path(data["dir"]), ports={k: int(v) for k, v in data["ports"].items()})
+        st = cls(
+            dir=Path(data["dir"]),
+            ports={k: int(v) for k, v in data["ports"].items()},
+            schedule=bool(data.get("schedule", False)),
+        )
         st.procs = [Proc(**p) for p in data.get("procs", [])]
         return st
 
@@ -576,6 +586,11 @@ class Stack:
                 "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
                 "AIRFLOW__CELERY__RESULT_BACKEND": self.db_url("airflow", driver="db+postgresql+psycopg2"),
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+                # Celery's default prefork pool runs tasks in daemonic processes, and a daemonic
+                # process may not start children: every step that uses a process pool (ingest
+                # decoding, featurize) would fail with "daemonic processes are not allowed to have
+                # children". solo: the worker's main process runs (supervises) one task at a time.
+                "AIRFLOW__CELERY__POOL": "solo",
                 "AIRFLOW__CELERY__SYNC_PARALLELISM": "1",
                 "AIRFLOW__CORE__PARALLELISM": "4",
                 "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
@@ -585,11 +600,13 @@ class Stack:
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
                 "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "15",
                 "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "600",
+                "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True" if self.schedule else "False",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "20",
                 "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "60",
                 "ASRFLOW_PROFILE": PROFILE,
                 "ASRFLOW_ROOT": str(self.artifact_root),
                 "MLFLOW_TRACKING_URI": self.mlflow_url,
+                **self.port_env(),
             },
         )
         self.admin_password = admin_password(cfg)
@@ -768,6 +785,7 @@ def start(
     dir: str | os.PathLike[str] | None = None,
     ports: dict[str, int] | None = None,
     default_workers: int = 1,
+    schedule: bool = False,
     log=print,
 ) -> Stack:
     """Bring the whole stack up (idempotent on a stopped dir: data is kept). Raises if any part fails,
@@ -776,7 +794,7 @@ def start(
     prev = Stack.load(d)
     if prev is not None and any(_alive(p.pid, p.start_time) for p in prev.procs):
         raise RuntimeError(f"a stack is already running from {d} (stop it: python -m {__spec__.name} down --dir {d})")
-    st = Stack(dir=d, ports={**default_ports(), **(ports or {})})
+    st = Stack(dir=d, ports={**default_ports(), **(ports or {})}, schedule=schedule)
     busy = [f"{k}={v}" for k, v in st.ports.items() if port_open(v)]
     if busy:
         raise RuntimeError(f"port(s) already in use on 127.0.0.1: {', '.join(busy)}")
@@ -837,16 +855,14 @@ def status(dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     if out["running"]:
         out["api_healthy"] = _http_ok(f"{st.api_url}/api/v2/monitor/health")
         out["mlflow_healthy"] = _http_ok(f"{st.mlflow_url}/health")
-        out["config_overrides"] = st.config_overrides()
     return out
 
 
 def _print_login(st: Stack) -> None:
-    ov = st.config_overrides()
     print(
         f"\nAirflow UI/API  {st.api_url}   login: admin / {st.admin_password}\n"
         f"MLflow          {st.mlflow_url}\n"
-        f"Postgres        {st.db_url('airflow').replace(DB_PASSWORD, '***')}  (databases: {', '.join(DATABASES)})\n"
+        f"Postgres        127.0.0.1:{st.ports['pg']}  user {DB_USER} / {DB_PASSWORD}  (databases: {', '.join(DATABASES)})\n"
         f"Celery broker   {st.broker_url}   workers: {', '.join(st.worker_names())}\n"
         f"artifact root   {st.artifact_root}\n"
         f"logs            {st.log_dir}\n"
@@ -855,7 +871,7 @@ def _print_login(st: Stack) -> None:
         "-H 'Content-Type: application/json' -d '{\"logical_date\": null, \"conf\": {\"profile\": \"distributed\"}}'\n"
         f"  (token: curl -X POST {st.api_url}/auth/token -H 'Content-Type: application/json' "
         f"-d '{{\"username\": \"admin\", \"password\": \"...\"}}')\n"
-        + (f"non-default ports: add to the run's overrides {json.dumps(ov)}\n" if ov else "")
+        + ("" if st.schedule else "the weekly schedule is off ([scheduler] use_job_schedule; up --schedule turns it on)\n")
         + f"stop:           make distributed-stop   (python -m pipeline_tasks.distributed_stack down --dir {st.dir})",
         flush=True,
     )
@@ -868,6 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in DEFAULT_PORTS:
         ap.add_argument(f"--{k}-port", type=int, default=None, help=f"default ${PORT_ENV[k]} or {DEFAULT_PORTS[k]}")
     ap.add_argument("--default-workers", type=int, default=1, help="Celery workers on the default queue")
+    ap.add_argument("--schedule", action="store_true", help="let the scheduler create the weekly runs too")
     args = ap.parse_args(argv)
     if args.action == "down":
         names = stop(args.dir)
@@ -879,7 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     ports = {k: getattr(args, f"{k}_port") for k in DEFAULT_PORTS if getattr(args, f"{k}_port")}
     print(f"starting the distributed stack in {args.dir or default_dir()} ...", flush=True)
     t0 = time.monotonic()
-    st = start(args.dir, ports, default_workers=args.default_workers, log=lambda m: print(m, flush=True))
+    st = start(
+        args.dir, ports, default_workers=args.default_workers, schedule=args.schedule, log=lambda m: print(m, flush=True)
+    )
     print(f"up in {time.monotonic() - t0:.0f}s", flush=True)
     _print_login(st)
     return 0

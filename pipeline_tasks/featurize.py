@@ -114,13 +114,17 @@ def plan_manifest(
     """
     cdir = feature_cache_dir(root, fcfg)
     cached = cache_lookup(cdir)
-    hashes = pq.read_table(manifest_path, columns=["audio_hash"]).column("audio_hash").to_pylist()
+    m = pq.read_table(manifest_path, columns=["audio_hash", "duration_s"])
+    hashes = m.column("audio_hash").to_pylist()
+    durs = m.column("duration_s").to_pylist()
     todo: list[str] = []
+    dur_of: dict[str, float] = {}
     seen: set[str] = set(cached)
-    for h in hashes:
+    for h, d in zip(hashes, durs, strict=True):
         if h not in seen:
             seen.add(h)
             todo.append(h)
+            dur_of[h] = float(d)
     fhash = feature_hash(fcfg)
     shards = []
     for i in range(0, len(todo), fcfg.shard_size):
@@ -133,6 +137,7 @@ def plan_manifest(
                 "workspace": str(Path(workspace).absolute()),
                 "features": _feature_section(fcfg),
                 "audio_hashes": chunk,
+                "audio_s": round(sum(dur_of[h] for h in chunk), 3),
             }
         )
     return shards
@@ -168,7 +173,14 @@ def compute_shard(shard: dict[str, Any]) -> dict[str, Any]:
     final = cdir / shard["name"]
     hashes: list[str] = list(shard["audio_hashes"])
     if final.exists():
-        return {"shard": str(final), "n_rows": len(hashes), "n_computed": 0, "audio_s": 0.0, "wall_s": 0.0}
+        return {
+            "shard": str(final),
+            "n_rows": len(hashes),
+            "n_computed": 0,
+            "audio_s": 0.0,
+            "wall_s": 0.0,
+            "pid": os.getpid(),
+        }
     fcfg = shard["features"]
     kwargs = feature_kwargs(fcfg)
     m = pq.read_table(
@@ -213,6 +225,7 @@ def compute_shard(shard: dict[str, Any]) -> dict[str, Any]:
         "n_computed": n_computed,
         "audio_s": round(audio_s, 3),
         "wall_s": round(time.perf_counter() - t0, 3),
+        "pid": os.getpid(),
     }
 
 
@@ -260,13 +273,19 @@ def _single_threaded_blas() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def compute_shards(shards: list[dict[str, Any]], jobs: int = 0) -> list[dict[str, Any]]:
-    """Run :func:`compute_shard` over ``shards``, in a process pool of ``jobs`` (0 = all cores)."""
+def compute_shards(
+    shards: list[dict[str, Any]], jobs: int = 0, parallel_min_audio_s: float = 0.0
+) -> list[dict[str, Any]]:
+    """Run :func:`compute_shard` over ``shards``, in a process pool of ``jobs`` (0 = all cores).
+
+    In-process when there is one shard, one job, or less than ``parallel_min_audio_s`` seconds of
+    audio to compute (spawning workers would cost more than it saves).
+    """
     if not shards:
         return []
     jobs = jobs or os.cpu_count() or 1
     jobs = min(jobs, len(shards))
-    if jobs <= 1:
+    if jobs <= 1 or sum(s.get("audio_s", 0.0) for s in shards) < parallel_min_audio_s:
         return [compute_shard(s) for s in shards]
     with _single_threaded_blas(), ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
         return list(pool.map(compute_shard, shards))
@@ -281,7 +300,7 @@ def featurize_manifest(
 ) -> dict[str, Any]:
     """Featurize a manifest into the cache and write its index (used by golden too). Returns counts."""
     shards = plan_manifest(manifest_path, workspace, fcfg, root)
-    results = compute_shards(shards, fcfg.jobs)
+    results = compute_shards(shards, fcfg.jobs, fcfg.parallel_min_audio_s)
     cdir = feature_cache_dir(root, fcfg)
     index = build_index(manifest_path, cdir)
     pq.write_table(index, out_index)
@@ -305,7 +324,7 @@ def _manifest(inputs: dict[str, dict]) -> Path:
 
 def _key(cfg: AsrflowConfig, inputs: dict[str, dict]) -> str:
     # jobs does not change the output; leave it out so a different core count reuses the result
-    fsec = cfg.features.model_dump(mode="json", exclude={"jobs"})
+    fsec = cfg.features.model_dump(mode="json", exclude={"jobs", "parallel_min_audio_s"})
     return step_key(STEP, fsec, {"validate": inputs["validate"]["manifest_md5"]}, CODE_VERSION)
 
 
@@ -359,5 +378,5 @@ def run(cfg: AsrflowConfig, inputs: dict[str, dict], force: bool = False) -> dic
             return done
     shards = plan(cfg, inputs)
     log.info("featurize: %d shards to compute", len(shards))
-    results = compute_shards(shards, cfg.features.jobs)
+    results = compute_shards(shards, cfg.features.jobs, cfg.features.parallel_min_audio_s)
     return finalize(cfg, inputs, results, force=force)

@@ -179,7 +179,7 @@ def _store_and_version(cfg: AsrflowConfig, waves: dict[str, Any]) -> tuple[str, 
 def run(cfg: AsrflowConfig, inputs: dict[str, dict] | None = None, force: bool = False) -> dict[str, Any]:
     manifest = golden_manifest_path(cfg)
     material = {
-        "features": cfg.features.model_dump(mode="json", exclude={"jobs"}),
+        "features": cfg.features.model_dump(mode="json", exclude={"jobs", "parallel_min_audio_s"}),
         "text": cfg.ingest.text,
         "sample_rate": cfg.ingest.target_sample_rate,
         "max_train_duration_s": cfg.validate_.max_train_duration_s,

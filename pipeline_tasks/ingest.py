@@ -104,7 +104,26 @@ class Landing:
         if pattern.startswith("**/"):  # '**' may or may not match zero folders, depending on fsspec
             found += self.fs.glob(posixpath.join(self.root, pattern[3:]))
         out = sorted({p for p in found if not any(part.startswith(".") for part in self.rel(p).split("/"))})
-        return [p for p in out if self.fs.isfile(p)]
+        # a manifest reached through a symlink that leaves the landing zone is not read
+        return [p for p in out if self.inside(p) and self.fs.isfile(p)]
+
+    def _files(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every file under the root with its fsspec info; on local disk symlinked folders
+        are not descended into (a link to ``/`` must not make us walk the whole disk)."""
+        if not self.is_local:
+            return [(p, i) for p, i in sorted(self.fs.find(self.root, detail=True).items()) if i.get("type") == "file"]
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(p)
+                except OSError:  # dangling symlink
+                    out.append((p, {"type": "file", "size": None, "dangling": os.readlink(p)}))
+                    continue
+                out.append((p, {"type": "file", "size": st.st_size}))
+        return out
 
     def inside(self, path: str) -> bool:
         """Whether ``path`` (already normalized) is inside the root, following symlinks on local disk."""
@@ -122,6 +141,8 @@ class Landing:
         for k in ("ETag", "etag", "md5Hash", "md5", "checksum"):
             if info.get(k):
                 return f"{k}:{str(info[k]).strip(chr(34))}"
+        if info.get("dangling") is not None:
+            return "dangling:" + str(info["dangling"])
         if self.is_local and not self.inside(path):
             return "link-out:" + os.path.realpath(path)
         h = hashlib.sha1()
@@ -133,9 +154,7 @@ class Landing:
     def fingerprint(self) -> str:
         """sha256 over (relative path, size, content hash) of every file in the landing zone."""
         items = []
-        for path, info in sorted(self.fs.find(self.root, detail=True).items()):
-            if info.get("type") != "file":
-                continue
+        for path, info in self._files():
             rel = self.rel(path)
             if any(part.startswith(".") for part in rel.split("/")):
                 continue
@@ -492,7 +511,11 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
     ws = DataWorkspace(cfg.paths.data_workspace, cfg.paths.dvc_remote)
     manifests = landing.manifests(ic.manifest_glob)
     log.info("ingest: %d manifest(s) in %s", len(manifests), landing.url)
+    if not manifests and not (ws.path / MANIFEST_REL).exists():
+        # nothing landed and nothing ingested before: most likely a wrong landing URL
+        raise LandingError(f"no manifests matching {ic.manifest_glob!r} in the landing zone {landing.url!r}")
 
+    timings: dict[str, float] = {}
     rows: list[Row] = []
     for m in manifests:
         rows.extend(_parse_manifest(landing, m, ic.text))
@@ -505,10 +528,16 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
             else:
                 seen[r.id] = r.source
 
+    timings["parse_s"] = time.monotonic() - t0
+    t_wait = time.monotonic()
     with ws.lock(ic.lock_timeout_s):
+        timings["lock_wait_s"] = time.monotonic() - t_wait
         ws.ensure()
         (ws.path / RAW_DIR).mkdir(exist_ok=True)
+        t1 = time.monotonic()
         _decode_all(landing, rows, cfg, ws.path)
+        timings["decode_s"] = time.monotonic() - t1
+        t1 = time.monotonic()
         manifest_path = ws.path / MANIFEST_REL
         existing_table = read_manifest(manifest_path) if manifest_path.exists() else None
         existing = existing_table.to_pylist() if existing_table is not None else []
@@ -530,6 +559,7 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
             push=ic.dvc_push,
         )
         commit = ws.head()
+        timings["dvc_s"] = time.monotonic() - t1
         shutil.copyfile(manifest_path, tmp / "manifest.parquet")
 
     bad = [r for r in rows if r.reason is not None]
@@ -555,6 +585,7 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
         "workspace": str(ws.path),
         "landing_fingerprint": fingerprint,
         "wall_s": round(time.monotonic() - t0, 3),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 
 

@@ -107,6 +107,7 @@ _OPERATIONAL_FIELDS = (
     "fidelity_epochs_factor",
     "trial_max_minutes",
     "enabled",
+    "plots",
 )
 # train fields that do not change a trial's result (or are set by the tune step itself)
 _TRAIN_OPERATIONAL = (
@@ -1024,7 +1025,7 @@ def _finalize_work(
     write_json_atomic(tmp / "best_config.json", best_cfg)
     importances = _importances(study, cfg)
     write_json_atomic(tmp / "importances.json", importances)
-    plots = _plots(study, cfg, tmp / "plots")
+    plots = _plots(study, cfg, tmp / "plots") if cfg.tune.plots else []
     trials_table = [
         {
             "number": x.number,

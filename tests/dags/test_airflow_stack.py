@@ -145,9 +145,13 @@ def test_browser_trigger_with_changed_param(stack, tmp_path):
         overrides.send_keys(Keys.CONTROL, "a")
         overrides.send_keys("\n".join(FAST))
         d.save_screenshot(str(tmp_path / "trigger-form.png"))
-        dialog = d.find_element(By.CSS_SELECTOR, "[role=dialog]")
-        buttons = [b for b in dialog.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Trigger"]
-        assert buttons, "no Trigger button in the trigger dialog"
+        buttons = [
+            b
+            for b in d.find_elements(By.TAG_NAME, "button")
+            if (b.get_attribute("textContent") or "").strip() == "Trigger"
+            and b.get_attribute("aria-label") != "Trigger Dag"  # the page's button that opened the form
+        ]
+        assert buttons, "no Trigger button in the trigger form"
         d.execute_script("arguments[0].scrollIntoView(true);", buttons[-1])
         buttons[-1].click()
         # the run appears through the REST API with the changed param

@@ -9,6 +9,7 @@ import torch
 from model_code.conformer import ConformerCTC
 from model_code.memory_probe import probe_batch_sizes, search_max_batch
 
+
 def test_search_max_batch_finds_threshold():
     calls = []
 

@@ -67,14 +67,12 @@ def test_tiny_run_learns_logs_and_packages_a_loadable_model(tmp_path):
     assert last["batch_load_p95_s"] > 0
     # warmup (3 steps) then cosine decay
     lrs = [r["lr"] for r in seen_steps]
-    assert lrs[2] == pytest.approx(3e-3) and lrs[-1] < lrs[3]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[2] == pytest.approx(3e-3) and lrs[-1] < lrs[3]
     # the packaged model is the trained one, and ships the LM built from the transcripts
     out = tmp_path / "out"
     model, tok, info = load_model_dir(out / res["model_dir"])
     assert params_digest(model) == res["params_sha256"]
-    assert info["lm"] is not None and (out / "model" / "lm.arpa").read_text().startswith("\n\\data\\") or (
-        out / "model" / "lm.arpa"
-    ).read_text().lstrip().startswith("\\data\\")
+    assert info["lm"] is not None and "\\data\\" in (out / "model" / "lm.arpa").read_text()
     assert info["meta"]["steps"] == 15
     lines = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
     assert [x["type"] for x in lines].count("epoch") == 3

@@ -22,17 +22,17 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
-TRAIN_STEPS = 220
+TRAIN_STEPS = 120  # measured: golden WER ~0.54 / CER ~0.21 after 120 steps (noised copy: WER >= 1)
 MODEL_KWARGS = {
     "n_mels": 80,
     "vocab_size": 29,
-    "d_model": 48,
+    "d_model": 32,
     "n_layers": 1,
     "n_heads": 2,
     "ff_mult": 2,
     "conv_kernel": 7,
     "dropout": 0.0,
-    "subsampling_channels": 32,
+    "subsampling_channels": 8,
 }
 
 
@@ -55,7 +55,7 @@ def train_tiny_model(index_path: Path, steps: int = TRAIN_STEPS, seed: int = 0):
     y = torch.cat(toks)
     ylens = torch.tensor([len(t) for t in toks])
     model = ConformerCTC(**MODEL_KWARGS)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
     model.train()
     for _ in range(steps):
@@ -66,7 +66,7 @@ def train_tiny_model(index_path: Path, steps: int = TRAIN_STEPS, seed: int = 0):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
     model.eval()
-    return model, tok, float(loss)
+    return model, tok, float(loss.detach())
 
 
 def noised_state(model, scale: float, seed: int = 1) -> dict[str, Any]:
@@ -106,8 +106,6 @@ def train_result(model_dir: Path, name: str) -> dict[str, Any]:
 
 def quality_models(base: Path, golden: dict[str, Any], feature_kwargs: dict[str, Any]) -> dict[str, Any]:
     """``{"good": train result, "bad": train result, "loss": float}``, built once under ``base``."""
-    import torch
-
     from model_code.dataset import FeatureTable
 
     base.mkdir(parents=True, exist_ok=True)
@@ -121,7 +119,6 @@ def quality_models(base: Path, golden: dict[str, Any], feature_kwargs: dict[str,
             bad_model = type(model)(**MODEL_KWARGS)
             bad_model.load_state_dict(noised_state(model, 3.0))
             bad = save(base / "bad" / "model", bad_model, tok, texts, feature_kwargs, {"study_name": "study-bad"})
-            del torch  # (imported for the side effect of failing early without torch)
             marker.write_text(json.dumps({"good": str(good), "bad": str(bad), "loss": loss}))
     d = json.loads(marker.read_text())
     return {"good": train_result(Path(d["good"]), "good"), "bad": train_result(Path(d["bad"]), "bad"), "loss": d["loss"]}

@@ -136,6 +136,12 @@ def build_bad_batch(landing: Path, batch: str = "week-001", n_good: int = 6) -> 
     os.symlink(outside, link)
     entries.append({"id": "esc3", "audio_filepath": "audio/link.wav", "duration": 1.0, "text": "escape"})
     expected["esc3"] = "path_escape"
+    outside_dir = landing.parent / f"outside-dir-{batch}"
+    write_wav(outside_dir / "x.wav", tone(1.0, seed=68), 16000)
+    if not (d / "linkdir").is_symlink():
+        os.symlink(outside_dir, d / "linkdir")
+    entries.append({"id": "esc4", "audio_filepath": "linkdir/x.wav", "duration": 1.0, "text": "escape"})
+    expected["esc4"] = "path_escape"
     # NaN and negative durations (json.dumps writes NaN, which Python's json reads back)
     write_wav(a / "nan.wav", tone(1.0, seed=66), 16000)
     entries.append({"id": "nandur", "audio_filepath": "audio/nan.wav", "duration": float("nan"), "text": "nan"})

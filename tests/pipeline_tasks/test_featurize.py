@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +20,15 @@ from tests.pipeline_tasks.featurize_helpers import make_rows, write_validate_res
 
 @pytest.fixture()
 def cfg(tmp_path):
-    return load_config("tiny", [f"paths.root={tmp_path / 'art'}", "features.shard_size=8", "features.jobs=2"])
+    return load_config(
+        "tiny",
+        [
+            f"paths.root={tmp_path / 'art'}",
+            "features.shard_size=8",
+            "features.jobs=2",
+            "features.parallel_min_audio_s=0",  # exercise the process pool
+        ],
+    )
 
 
 def _ws(cfg):
@@ -35,8 +45,12 @@ def test_featurize_rerun_and_incremental(cfg, tmp_path):
     shards = featurize.plan(cfg, {"validate": v1})
     assert [len(s["audio_hashes"]) for s in shards] == [8, 8, 2]
 
+    pool = featurize.compute_shards(shards[:2], jobs=2)  # the process pool run() uses
+    assert [r["n_computed"] for r in pool] == [8, 8] and os.getpid() not in {r["pid"] for r in pool}
     r1 = featurize.run(cfg, {"validate": v1})
-    assert r1["n_utts"] == 18 and r1["n_computed"] == 18 and r1["n_long_form"] == 1
+    assert (
+        r1["n_utts"] == 18 and r1["n_computed"] == 2 and r1["n_long_form"] == 1
+    )  # 16 done by the pool above
     cache = sorted(p.name for p in (cfg.root / "feature_cache" / r1["feature_hash"]).glob("shard-*.parquet"))
     assert len(cache) == 3 and cache == sorted(s["name"] for s in shards)
 
@@ -88,6 +102,7 @@ def test_run_shard_is_idempotent_and_mappable(cfg, tmp_path):
     # Airflow maps run_shard over the plan; a retried task finds its shard and computes nothing
     results = [featurize.run_shard(cfg, {"validate": v}, s) for s in shards]
     assert [r["n_computed"] for r in results] == [8, 2]
+    assert {r["pid"] for r in results} == {os.getpid()}
     assert featurize.run_shard(cfg, {"validate": v}, shards[0])["n_computed"] == 0
     # a temp file left by a killed attempt is ignored by lookups and by the next plan
     (cfg.root / "feature_cache" / "x").mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
@@ -33,7 +34,7 @@ def _tables(res):
 def test_bad_batch_each_row_gets_its_reason_and_good_rows_survive(tmp_path):
     landing = tmp_path / "landing"
     expected = build_bad_batch(landing)
-    sources_before = sorted(p for p in landing.rglob("*") if p.is_file())
+    sources_before = sorted((p, p.stat().st_size) for p in landing.rglob("*") if p.is_file())
     cfg = _cfg(tmp_path / "art", landing, "ingest.jobs=2", "ingest.pool_min_items=2")
     res = ingest.run(cfg, {})
 
@@ -48,7 +49,7 @@ def test_bad_batch_each_row_gets_its_reason_and_good_rows_survive(tmp_path):
         assert rec["stage"] == "ingest" and rec["message"] and rec["batch"] == "week-001"
     assert got == expected
     assert res["n_quarantined"] == len(expected)
-    assert res["quarantine_reasons"]["path_escape"] == 3
+    assert res["quarantine_reasons"]["path_escape"] == 4
 
     rows = {r["id"]: r for r in m.to_pylist()}
     assert sorted(rows) == sorted([f"g{i}" for i in range(6)] + ["sr8k", "st44", "long"])
@@ -72,7 +73,7 @@ def test_bad_batch_each_row_gets_its_reason_and_good_rows_survive(tmp_path):
     assert trunc_copy.read_bytes() == (landing / "week-001/audio/trunc.wav").read_bytes()
     assert Path(qrows["esc2"]["quarantined_copy"]).suffix == ".jsonl"  # the manifest line, not /etc/passwd
     assert b"passwd" in Path(qrows["esc2"]["quarantined_copy"]).read_bytes()
-    assert sorted(p for p in landing.rglob("*") if p.is_file()) == sources_before
+    assert sorted((p, p.stat().st_size) for p in landing.rglob("*") if p.is_file()) == sources_before
 
     # versioned: tag on the commit, data pushed to the folder remote
     dws = DataWorkspace(ws, cfg.paths.dvc_remote)
@@ -191,3 +192,14 @@ def test_tiny_landing_and_cli(tmp_path, tiny_landing):
     assert set(m.column("orig_sample_rate").to_pylist()) == {22050}
     durations = np.array(m.column("duration_s").to_pylist())
     assert (durations > 0.3).all()
+
+
+def test_missing_or_empty_landing_zone_is_a_clear_error(tmp_path):
+    with pytest.raises(ingest.LandingError, match="does not exist"):
+        ingest.run(_cfg(tmp_path / "art", tmp_path / "nowhere"), {})
+    (tmp_path / "empty" / "week-001").mkdir(parents=True)
+    with pytest.raises(ingest.LandingError, match="no manifests"):
+        ingest.run(_cfg(tmp_path / "art", tmp_path / "empty"), {})
+    assert not (tmp_path / "art" / "ingest").exists() or not any(
+        (p / "_SUCCESS.json").exists() for p in (tmp_path / "art" / "ingest").iterdir()
+    )

@@ -13,6 +13,7 @@ from data_contracts.schema import FEATURE_INDEX_SCHEMA
 from pipeline_tasks import featurize, golden, split
 from pipeline_tasks.config import load_config
 from pipeline_tasks.contract import resolve
+from pipeline_tasks.pipeline import run_until
 from tests.pipeline_tasks.featurize_helpers import make_rows, write_golden_dir, write_validate_result
 
 EDGES = [2.0, 4.0, 8.0]
@@ -153,3 +154,24 @@ def test_split_step_excludes_golden_and_long_form(scfg, tmp_path):
         r["dev_md5"],
         r["proxy_md5"],
     )
+
+
+# the real chain on the shared tiny fixtures: corpus -> ingest -> validate -> featurize -> split, and golden
+def test_featurize_split_golden_on_the_tiny_fixtures(tiny_cfg):
+    res = run_until("split", tiny_cfg)
+    res = run_until("golden", tiny_cfg, results=res)
+    f, s, g = res["featurize"], res["split"], res["golden"]
+    v = res["validate"]
+    assert f["n_utts"] == v["n_accepted"] and f["feature_hash"] == g["feature_hash"]
+    assert g["n_utts"] == 16
+    golden_hashes = set(pq.read_table(resolve(g, g["manifest"])).column("audio_hash").to_pylist())
+    parts = {k: pq.read_table(resolve(s, s[k])) for k in ("train", "dev", "proxy", "long_form")}
+    ids = {k: set(t.column("id").to_pylist()) for k, t in parts.items()}
+    for t in parts.values():
+        assert not set(t.column("audio_hash").to_pylist()) & golden_hashes
+    assert not ids["train"] & ids["dev"] and ids["proxy"] <= ids["train"]
+    assert s["n_train"] + s["n_dev"] + s["n_long_form"] + s["n_golden_excluded"] == f["n_utts"]
+    assert s["n_train"] > 0 and s["n_dev"] > 0 and s["n_proxy"] > 0
+    # a rerun on unchanged inputs computes nothing and publishes the same index
+    again = featurize.run(tiny_cfg, {"validate": v}, force=True)
+    assert again["n_computed"] == 0 and again["index_md5"] == f["index_md5"]

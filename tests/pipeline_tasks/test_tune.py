@@ -45,14 +45,30 @@ def hang_trial(trial_cfg, ctx, on_epoch_end):
     raise AssertionError("unreachable")
 
 
+_MLFLOW_DIR: Path | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_mlflow(tmp_path_factory):
+    """One MLflow store for this module: creating a fresh SQLite MLflow DB costs seconds."""
+    global _MLFLOW_DIR
+    _MLFLOW_DIR = tmp_path_factory.mktemp("tune-mlflow")
+    yield _MLFLOW_DIR
+    _MLFLOW_DIR = None
+
+
 def make_cfg(root: Path, extra: list[str] | None = None):
-    """A tiny-profile config with its own root; the tune tests do not need the corpus."""
+    """A tiny-profile config with its own root (own Optuna storage); no corpus needed."""
+    mlflow_dir = _MLFLOW_DIR or root
     return load_config(
         "tiny",
         [
             f"paths.root={root}",
+            f"registry.tracking_uri=sqlite:///{mlflow_dir}/mlflow.db",
+            f"registry.artifact_location={mlflow_dir}/mlruns",
             "tune.heartbeat_interval_s=1",
             "tune.grace_period_s=2",
+            "tune.plots=false",
             *(extra or []),
         ],
     )
@@ -71,7 +87,7 @@ def _study(cfg, inputs):
 
 
 def test_two_parallel_workers_share_one_study(tmp_path):
-    cfg = make_cfg(tmp_path, ["tune.n_trials=6", "tune.n_workers=2", "tune.epochs=3"])
+    cfg = make_cfg(tmp_path, ["tune.n_trials=6", "tune.n_workers=2", "tune.epochs=3", "tune.plots=true"])
     inputs = fake_split(tmp_path)
     os.environ["TUNE_TEST_SLEEP"] = "0.15"  # long enough that both workers get trials
     try:
@@ -286,3 +302,35 @@ def test_fidelity_check_spearman(tmp_path):
     assert fc["k"] == 3 and fc["epochs"] == 2
     # the quick curve's ranking does not change with more epochs
     assert res["fidelity_spearman"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_real_fit_on_tiny_proxy(tiny_cfg):
+    """The production objective: ``train.fit`` on the tiny proxy split, WER reported per epoch."""
+    import mlflow
+
+    from pipeline_tasks.pipeline import run_until
+
+    split = run_until("split", tiny_cfg)["split"]
+    cfg = tune.apply_overrides(
+        tiny_cfg, {"tune.n_trials": 2, "tune.n_workers": 1, "tune.epochs": 2, "tune.plots": False}
+    )
+    res = tune.run(cfg, {"split": split})
+    assert res["n_trials_complete"] + res["n_trials_pruned"] == 2
+    assert res["n_trials_complete"] >= 1  # ASHA always lets the first trial finish
+    assert set(res["best_overrides"]) == set(cfg.tune.space)
+    assert math.isfinite(res["best_value"]) and res["best_value"] >= 0
+    trials = json.loads(tune.resolve(res, res["trials"]).read_text())
+    first = next(t for t in trials if t["number"] == 0)
+    assert first["state"] == "COMPLETE" and sorted(first["intermediate"]) == ["1", "2"]
+    assert first["values"][0] == pytest.approx(first["intermediate"]["2"])
+    # fit logged into the trial's nested run: its config params and its own epoch metrics
+    client = mlflow.MlflowClient(cfg.registry.tracking_uri)
+    parent = client.get_run(res["mlflow_run_id"])
+    child = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`optuna.trial` = '0'",
+    )[0]
+    assert float(child.data.params["train.lr"]) == pytest.approx(first["params"]["train.lr"])
+    assert child.data.params["train.epochs"] == "2"
+    assert child.data.metrics["final_dev_wer"] == pytest.approx(first["values"][0])
