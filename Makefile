@@ -11,14 +11,14 @@ export PYTHONHASHSEED := 0
 
 # Debian packages the project needs (espeak-ng synthesizes the embedded corpus;
 # chromium + chromedriver drive the Airflow UI test; postgresql + redis for distributed mode).
-APT_PACKAGES := espeak-ng sox chromium chromium-driver
+APT_PACKAGES := espeak-ng sox chromium chromium-driver postgresql redis-server
 APT_STAMP := $(VENV)/.apt-installed
 
-.PHONY: setup test pipeline-local bench lint airflow-ui clean-artifacts apt
+.PHONY: setup test pipeline-local bench lint airflow-ui clean-artifacts apt distributed-local distributed-stop distributed-status
 
 setup: $(STAMP) $(APT_STAMP)
 
-$(APT_STAMP):
+$(APT_STAMP): Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo ">> apt-get install$$missing"; \
@@ -40,6 +40,7 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The whole asr_retraining DAG through Airflow (`airflow dags test`), e.g. `make pipeline-local WEEK=2`.
 pipeline-local: setup
 	$(BIN)/python -m pipeline_tasks.local_run --profile $(PROFILE) $(if $(WEEK),--week $(WEEK),)
 
@@ -50,8 +51,22 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Airflow UI (api-server, scheduler, dag-processor) + MLflow UI on 127.0.0.1; Ctrl-C stops them.
+AIRFLOW_PORT ?= 8080
+MLFLOW_PORT ?= 5000
 airflow-ui: setup
-	$(BIN)/python -m pipeline_tasks.airflow_ui --profile $(PROFILE)
+	$(BIN)/python -m pipeline_tasks.airflow_ui --profile $(PROFILE) --port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT)
 
 clean-artifacts:
 	rm -rf artifacts/
+
+# Distributed mode on loopback: Postgres + Redis + MLflow server + Airflow (CeleryExecutor, workers on
+# queues default and gpu), state in $(ASRFLOW_DIST_DIR) (default .local/distributed/). See docs/distributed.md.
+distributed-local: setup
+	$(BIN)/python -m pipeline_tasks.distributed_stack up
+
+distributed-stop:
+	$(BIN)/python -m pipeline_tasks.distributed_stack down
+
+distributed-status:
+	$(BIN)/python -m pipeline_tasks.distributed_stack status

@@ -118,6 +118,11 @@ def lhotse_run(manifest: Path, ws: Path, jobs: int, out: Path) -> Timer:
     from lhotse import CutSet, Fbank, FbankConfig, Recording, RecordingSet
     from lhotse.features.io import NumpyFilesWriter
 
+    import torch
+
+    # one torch thread per process, as Lhotse itself recommends for num_jobs > 1 (without it the
+    # pool oversubscribes the cores and is several times slower); also the fairest CPU figure
+    torch.set_num_threads(1)
     t = pq.read_table(manifest, columns=["id", "audio_path"]).to_pylist()
     recs = RecordingSet.from_recordings(
         Recording.from_file(ws / r["audio_path"], recording_id=r["id"]) for r in t

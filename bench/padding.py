@@ -149,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from pipeline_tasks import corpus
 
-            tmp = Path(tempfile.mkdtemp(prefix="asrflow-bench-padding-"))
-            res = corpus.generate_week(tmp, week=1, utterances=args.generate, seed=1234, jobs=0)
-            d = manifest_durations([Path(res["manifest"]) if Path(res["manifest"]).is_absolute()
-                                    else tmp / res["manifest"]])
-            src = f"generated {len(d)} utterances in {tmp}"
+            with tempfile.TemporaryDirectory(prefix="asrflow-bench-padding-") as tmp_s:
+                tmp = Path(tmp_s)
+                res = corpus.generate_week(tmp, week=1, utterances=args.generate, seed=1234, jobs=0)
+                d = manifest_durations([Path(res["manifest"]) if Path(res["manifest"]).is_absolute()
+                                        else tmp / res["manifest"]])
+            src = f"generated {len(d)} utterances, corpus.generate_week(seed=1234)"
         results["corpus"] = run_case(f"(b) embedded corpus ({src})", d, args.corpus_max_duration, with_lhotse)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

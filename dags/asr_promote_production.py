@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 # DAG-side helpers live next to this file (dags/_common.py); make them importable however the
 # file is loaded (dag-processor, task runner, a DagBag on another folder in tests).
@@ -36,7 +36,7 @@ PRODUCTION_MODEL = Asset("asrflow://model-production")
 @dag(
     dag_id="asr_promote_production",
     schedule=None,
-    start_date=datetime(2026, 1, 5, tzinfo=timezone.utc),
+    start_date=datetime(2026, 1, 5, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,

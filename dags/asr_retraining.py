@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 # DAG-side helpers live next to this file (dags/_common.py); make them importable however the
 # file is loaded (dag-processor, task runner, a DagBag on another folder in tests).
@@ -59,7 +59,7 @@ _S = task_settings()
 @dag(
     dag_id="asr_retraining",
     schedule="0 3 * * 1",
-    start_date=datetime(2026, 1, 5, tzinfo=timezone.utc),
+    start_date=datetime(2026, 1, 5, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
     params=run_params(),

@@ -47,13 +47,15 @@ def valid_mask(lengths: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def normalize_features(feats: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-utterance, per-mel mean/variance normalization over valid frames; padded frames → 0.
 
-    feats (B, T, F), lengths (B,) → (B, T, F).
+    feats (B, T, F), lengths (B,) → (B, T, F) in the input dtype; statistics in float32 (a
+    bf16/fp16 sum over hundreds of frames would lose most of its precision).
     """
-    mask = valid_mask(lengths, feats).unsqueeze(-1).to(feats.dtype)  # (B, T, 1)
-    n = lengths.to(feats.dtype).clamp(min=1.0).view(-1, 1, 1)  # (B, 1, 1)
-    mean = (feats * mask).sum(dim=1, keepdim=True) / n  # (B, 1, F)
-    var = (((feats - mean) * mask) ** 2).sum(dim=1, keepdim=True) / n  # (B, 1, F)
-    return (feats - mean) / torch.sqrt(var + eps) * mask
+    x = feats.float()
+    mask = valid_mask(lengths, x).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    n = lengths.to(x.dtype).clamp(min=1.0).view(-1, 1, 1)  # (B, 1, 1)
+    mean = (x * mask).sum(dim=1, keepdim=True) / n  # (B, 1, F)
+    var = (((x - mean) * mask) ** 2).sum(dim=1, keepdim=True) / n  # (B, 1, F)
+    return ((x - mean) / torch.sqrt(var + eps) * mask).to(feats.dtype)
 
 
 class ConvSubsampling(nn.Module):
@@ -84,14 +86,17 @@ class ConvSubsampling(nn.Module):
 
 
 def sinusoidal_positions(x: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) → (1, T, D) sine/cosine positions computed from the traced length of ``x``."""
+    """(B, T, D) → (1, T, D) sine/cosine positions computed from the traced length of ``x``.
+
+    Computed in float32 (bf16 cannot even count past 256) and cast to ``x.dtype``.
+    """
     d = x.shape[-1]
-    pos = torch.arange(x.shape[1], device=x.device, dtype=x.dtype).unsqueeze(1)  # (T, 1)
-    i = torch.arange(0, d, 2, device=x.device, dtype=x.dtype)  # (D/2,)
+    pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).unsqueeze(1)  # (T, 1)
+    i = torch.arange(0, d, 2, device=x.device, dtype=torch.float32)  # (D/2,)
     freq = torch.exp(i * (-math.log(10000.0) / d))  # (D/2,)
     ang = pos * freq  # (T, D/2)
     pe = torch.stack([torch.sin(ang), torch.cos(ang)], dim=-1).flatten(1)  # (T, D)
-    return pe.unsqueeze(0)
+    return pe.unsqueeze(0).to(x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -267,9 +272,8 @@ class SpecAugment(nn.Module):
         if self.time_masks and self.time_mask_width > 0:
             # per utterance: widths bounded by 20% of its own length (and time_mask_width)
             outs = []
-            for i in range(x.shape[0]):
+            for i, li in enumerate(lengths.tolist()):  # one host sync, not one per utterance
                 xi = x[i : i + 1]
-                li = int(lengths[i])
                 w = min(self.time_mask_width, max(li // 5, 0))
                 if w > 0:
                     valid = xi[..., :li]

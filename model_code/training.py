@@ -79,6 +79,7 @@ class TrainArgs:
     num_workers: int = 1
     torch_threads: int = 0  # 0: all cores (divided among the ranks of this node)
     max_minutes: float | None = None
+    max_steps: int | None = None  # stop (like the time cap) after this many optimizer steps
     checkpoint_every_steps: int = 200
     checkpoint_every_minutes: float = 5.0
     keep_checkpoints: int = 2
@@ -586,7 +587,9 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
                         step % args.checkpoint_every_steps == 0
                         or time.monotonic() - last_ckpt_t >= args.checkpoint_every_minutes * 60.0
                     )
-                    want_stop = cap_s is not None and elapsed_before + (time.monotonic() - session_t0) >= cap_s
+                    want_stop = (cap_s is not None and elapsed_before + (time.monotonic() - session_t0) >= cap_s) or (
+                        args.max_steps is not None and step >= args.max_steps
+                    )
                     if world > 1:  # global mean loss; any rank's flag decides for all
                         v = torch.tensor(
                             [loss_val, acc["audio_s"], float(want_ckpt), float(want_stop)],

@@ -252,7 +252,7 @@ class ExportConfig(_Section):
     quantize_int8: bool = True
     int8_max_wer_delta: float = 0.01
     parity_atol: float = 1e-3
-    register: Literal["int8_if_kept", "fp32"] = "int8_if_kept"  # which file promote registers
+    register_file: Literal["int8_if_kept", "fp32"] = "int8_if_kept"  # which file promote registers
 
 
 class RegistryConfig(_Section):

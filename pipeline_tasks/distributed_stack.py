@@ -109,6 +109,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(names) -> dict[str, int]:
+    """Distinct free ports, one per name (all sockets are held open until every port is picked)."""
+    socks = []
+    try:
+        for _ in names:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return {n: s.getsockname()[1] for n, s in zip(names, socks, strict=True)}
+    finally:
+        for s in socks:
+            s.close()
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -795,6 +809,8 @@ def start(
     if prev is not None and any(_alive(p.pid, p.start_time) for p in prev.procs):
         raise RuntimeError(f"a stack is already running from {d} (stop it: python -m {__spec__.name} down --dir {d})")
     st = Stack(dir=d, ports={**default_ports(), **(ports or {})}, schedule=schedule)
+    if len(set(st.ports.values())) != len(st.ports):
+        raise ValueError(f"the stack's ports must differ: {st.ports}")
     busy = [f"{k}={v}" for k, v in st.ports.items() if port_open(v)]
     if busy:
         raise RuntimeError(f"port(s) already in use on 127.0.0.1: {', '.join(busy)}")

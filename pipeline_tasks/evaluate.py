@@ -196,7 +196,7 @@ def _decode_all(
     champ = None
     if champion_onnx is not None:
         champ = OnnxAsr(champion_onnx, decode="greedy", chunk_s=d.chunk_s, chunk_overlap_s=d.chunk_overlap_s)
-        champ_lex, champ_lm = champ._lm_files(None, None)
+        champ_lex, champ_lm = champ.lexicon_path, champ.lm_path
 
     mode = cfg.gate.decode
     if mode == "beam" and (not (cand_lex and cand_lm) or (champ is not None and not (champ_lex and champ_lm))):

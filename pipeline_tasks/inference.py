@@ -117,7 +117,7 @@ def resolve_model(cfg: AsrflowConfig, model: str | os.PathLike[str]) -> tuple[Pa
                 raise LookupError(f"{model}: the registry has no model {name!r} with alias {alias!r}")
         else:
             mv = client.get_model_version(name, version)
-        return download_version(cfg, mv), {"model": str(model), "name": name, "version": mv.version, "alias": alias}
+        return download_version(cfg, mv), {"model": str(model), "name": name, "version": str(mv.version), "alias": alias}
     p = Path(model).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{model}: neither a models:/ URI nor an existing .onnx file")

@@ -27,7 +27,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from pipeline_tasks.airflow_env import airflow_bin, airflow_env, airflow_home, s
 from pipeline_tasks.config import REPO_ROOT, AsrflowConfig, load_config
 
 DAG_ID = "asr_retraining"
-WEEK1_MONDAY = datetime(2026, 1, 5, 3, 0, tzinfo=timezone.utc)  # a Monday, the schedule's 03:00 UTC
+WEEK1_MONDAY = datetime(2026, 1, 5, 3, 0, tzinfo=UTC)  # a Monday, the schedule's 03:00 UTC
 
 _START = re.compile(r"\[DAG TEST\] starting task_id=(\S+) map_index=(-?\d+)")
 _END = re.compile(r"\[DAG TEST\] end task task_id=(\S+) map_index=(-?\d+)")
@@ -248,7 +248,29 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
-def summary(cfg: AsrflowConfig, env: dict[str, str], run_id: str, state: str, wall_s: float) -> dict[str, Any]:
+STEP_TASKS = ("ingest", "validate", "featurize_finalize", "golden", "split", "tune_finalize", "train",
+              "evaluate", "export", "promote")
+
+
+def step_freshness(env: dict[str, str], run_id: str, since: float) -> tuple[list[str], list[str]]:
+    """Which steps of the run wrote their output now (``_SUCCESS.json`` newer than ``since``) vs cached."""
+    recomputed, cached = [], []
+    for task_id in STEP_TASKS:
+        res = xcom(env, run_id, task_id)
+        if not isinstance(res, dict) or not res.get("output_dir"):
+            continue
+        marker = Path(res["output_dir"]) / "_SUCCESS.json"
+        step = res.get("step", task_id)
+        try:
+            (recomputed if marker.stat().st_mtime >= since else cached).append(step)
+        except FileNotFoundError:
+            recomputed.append(step)
+    return recomputed, cached
+
+
+def summary(
+    cfg: AsrflowConfig, env: dict[str, str], run_id: str, state: str, wall_s: float, run_started: float
+) -> dict[str, Any]:
     tis = task_states(env, run_id)
     ev = xcom(env, run_id, "evaluate") or {}
     gate = xcom(env, run_id, "promote_gate", "gate") or {}
@@ -263,6 +285,9 @@ def summary(cfg: AsrflowConfig, env: dict[str, str], run_id: str, state: str, wa
     for ti in tis:
         counts[ti["state"] or "none"] = counts.get(ti["state"] or "none", 0) + 1
     say("tasks: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    recomputed, cached = step_freshness(env, run_id, run_started)
+    say(f"steps recomputed in this run: {', '.join(recomputed) or 'none'}")
+    say(f"steps served from cache:      {', '.join(cached) or 'none'}")
     for ti in tis:
         if ti["state"] not in ("success",):
             say(f"  {_label(ti['task_id'], ti['map_index'])}: {ti['state']}")
@@ -280,7 +305,11 @@ def summary(cfg: AsrflowConfig, env: dict[str, str], run_id: str, state: str, wa
         say(f"export: {Path(ex.get('output_dir', '')) / str(ex.get('onnx', ''))}")
     model = cfg.registry.model_name
     if prom:
-        new = "new version" if prom.get("new_version_created") else "no new version (already registered)"
+        fresh = prom.get("new_version_created") and (
+            (Path(prom["output_dir"]) / "_SUCCESS.json").stat().st_mtime >= run_started
+            if prom.get("output_dir") else True
+        )
+        new = "new version registered by this run" if fresh else "nothing new registered (already registered)"
         say(
             f"registry: model '{prom.get('model_name', model)}' version {prom.get('version')} "
             f"alias {prom.get('alias')} — {new}; {prom.get('reason', '')}"
@@ -294,8 +323,9 @@ def summary(cfg: AsrflowConfig, env: dict[str, str], run_id: str, state: str, wa
         golden = Path(cfg.paths.golden_dir)
         sample = next(iter(sorted(golden.glob("audio/*.wav"))), None) or next(iter(sorted(golden.rglob("*.wav"))), None)
         say("try it:")
+        prefix = f"ASRFLOW_ROOT={cfg.root} " if os.environ.get("ASRFLOW_ROOT") else ""
         say(
-            f"  .venv/bin/asrflow transcribe --profile {cfg.profile} --model models:/{model}@staging "
+            f"  {prefix}.venv/bin/asrflow transcribe --profile {cfg.profile} --model models:/{model}@staging "
             f"{sample or '<audio.wav>'}"
         )
     return {"state": state, "run_id": run_id, "evaluate": ev, "promote": prom, "skip_reason": skip_reason}
@@ -325,13 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         conf["overrides"] = list(args.overrides)
     ld = logical_date_for_week(week)
     log_path = airflow_home(cfg) / f"local_run-{ld:%Y-%m-%d}.log"
+    run_started = time.time()
     state, run_id = run_dag(cfg, env, ld, conf, log_path)
     if run_id is None:
         say(f"the DAG run did not start; see {log_path}")
         tail = log_path.read_text().splitlines()[-25:]
         say("\n".join(tail))
         return 1
-    summary(cfg, env, run_id, state, time.monotonic() - t_start)
+    summary(cfg, env, run_id, state, time.monotonic() - t_start, run_started)
     if state != "success":
         say(f"the run {state}: see the task logs in {log_path}")
         return 1

@@ -1,7 +1,7 @@
 """The ``promote`` step and the production promotion / rollback of the MLflow registry.
 
 ``run`` (the pipeline step, inputs ``export`` + ``evaluate``): when the gate passed, register the
-exported ONNX model (int8 when export kept it, else fp32; ``export.register``) as a new version
+exported ONNX model (int8 when export kept it, else fp32; ``export.register_file``) as a new version
 of ``registry.model_name`` with the ONNX flavor (``onnx_execution_providers=["CPUExecutionProvider"]``,
 a tensor signature), tagged with the gate's figures and the lineage (training-data md5, golden md5,
 git commit, Optuna study, Airflow run id), and point the alias ``staging`` at it. A failed gate
@@ -76,7 +76,7 @@ def find_candidate(client, name: str, candidate_key: str):
         found = client.search_model_versions(f"name='{name}' and tags.`{TAG_CANDIDATE}` = '{candidate_key}'")
     except MlflowException:
         return []
-    return sorted(found, key=lambda mv: int(mv.version))
+    return sorted(found, key=lambda mv: int(str(mv.version)))
 
 
 def _signature(n_mels: int, vocab_size: int):
@@ -171,7 +171,7 @@ def run(cfg: AsrflowConfig, inputs: dict[str, dict], force: bool = False) -> dic
     export, evaluate = inputs["export"], inputs["evaluate"]
     key = step_key(
         STEP,
-        {"registry": cfg.registry.model_name, "register": cfg.export.register},
+        {"registry": cfg.registry.model_name, "register": cfg.export.register_file},
         {"export": export["key"], "evaluate": evaluate["key"]},
         CODE_VERSION,
     )
@@ -196,7 +196,7 @@ def run(cfg: AsrflowConfig, inputs: dict[str, dict], force: bool = False) -> dic
             }
             (tmp / "promote.json").write_text(json.dumps(out, indent=2) + "\n")
             return out
-        which = "int8" if (cfg.export.register == "int8_if_kept" and export.get("onnx_int8")) else "fp32"
+        which = "int8" if (cfg.export.register_file == "int8_if_kept" and export.get("onnx_int8")) else "fp32"
         onnx_path = resolve(export, export["onnx_int8"] if which == "int8" else export["onnx"])
         expect_md5 = export["onnx_int8_md5"] if which == "int8" else export["onnx_md5"]
         if file_md5(onnx_path) != expect_md5:
@@ -206,16 +206,16 @@ def run(cfg: AsrflowConfig, inputs: dict[str, dict], force: bool = False) -> dic
             created = not found
             if found:
                 mv = found[0]
-                log.info("candidate %s is already version %s of %s: nothing registered", export["key"], mv.version, name)
+                log.info("candidate %s is already version %s of %s: nothing registered", export["key"], str(mv.version), name)
             else:
                 mv = _log_and_register(cfg, export, onnx_path, _version_tags(cfg, export, evaluate, which))
-                log.info("registered %s version %s", name, mv.version)
-            mv = client.get_model_version(name, mv.version)
+                log.info("registered %s version %s", name, str(mv.version))
+            mv = client.get_model_version(name, str(mv.version))
             moved = False
             if mv.tags.get(TAG_STAGED) != "true":
-                client.set_registered_model_alias(name, STAGING, mv.version)
-                client.set_model_version_tag(name, mv.version, TAG_STAGED, "true")
-                client.set_model_version_tag(name, mv.version, "asrflow.staged_at", _now())
+                client.set_registered_model_alias(name, STAGING, str(mv.version))
+                client.set_model_version_tag(name, str(mv.version), TAG_STAGED, "true")
+                client.set_model_version_tag(name, str(mv.version), "asrflow.staged_at", _now())
                 moved = True
         out = {
             **base,
@@ -225,7 +225,7 @@ def run(cfg: AsrflowConfig, inputs: dict[str, dict], force: bool = False) -> dic
             "alias_moved": moved,
             "new_version_created": created,
             "onnx_file": which,
-            "model_uri": f"models:/{name}/{mv.version}",
+            "model_uri": f"models:/{name}/{str(mv.version)}",
             "reason": evaluate["reason"],
         }
         (tmp / "promote.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -328,29 +328,29 @@ def promote_production(cfg: AsrflowConfig, split: dict[str, Any] | None = None) 
     client = registry_client(cfg)
     staging = alias_version(cfg, STAGING, name, client)
     prod = alias_version(cfg, PRODUCTION, name, client)
-    base = {"model_name": name, "previous_version": prod.version if prod else None}
+    base = {"model_name": name, "previous_version": str(prod.version) if prod else None}
     if staging is None:
         return {**base, "promoted": False, "version": None, "reason": f"no version of {name!r} has alias {STAGING!r}"}
-    if prod is not None and prod.version == staging.version:
+    if prod is not None and str(prod.version) == str(staging.version):
         return {
             **base,
             "promoted": False,
             "already_production": True,
-            "version": staging.version,
-            "reason": f"version {staging.version} is already {PRODUCTION}",
+            "version": str(staging.version),
+            "reason": f"version {str(staging.version)} is already {PRODUCTION}",
         }
     if staging.tags.get(TAG_ROLLED_BACK) == "true":
         return {
             **base,
             "promoted": False,
-            "version": staging.version,
-            "reason": f"version {staging.version} was rolled back from {PRODUCTION}; stage a new candidate",
+            "version": str(staging.version),
+            "reason": f"version {str(staging.version)} was rolled back from {PRODUCTION}; stage a new candidate",
         }
     can = canary(cfg, staging, split)
     ok = can["wer"] < cfg.registry.canary_max_wer
     out = {
         **base,
-        "version": staging.version,
+        "version": str(staging.version),
         "canary_wer": can["wer"],
         "canary_cer": can["cer"],
         "canary_batch": can["batch"],
@@ -363,7 +363,7 @@ def promote_production(cfg: AsrflowConfig, split: dict[str, Any] | None = None) 
             "asrflow.canary_batch": can["batch"],
             "asrflow.canary_passed": str(ok).lower(),
         }.items():
-            client.set_model_version_tag(name, staging.version, k, _tag_str(v))
+            client.set_model_version_tag(name, str(staging.version), k, _tag_str(v))
         if not ok:
             return {
                 **out,
@@ -372,17 +372,17 @@ def promote_production(cfg: AsrflowConfig, split: dict[str, Any] | None = None) 
                 f"{can['batch']} >= {cfg.registry.canary_max_wer:g}",
             }
         prod = alias_version(cfg, PRODUCTION, name, client)  # re-read under the lock
-        if prod is not None and prod.version == staging.version:
+        if prod is not None and str(prod.version) == str(staging.version):
             return {**out, "promoted": False, "already_production": True, "reason": "promoted concurrently"}
         if prod is not None:
-            client.set_registered_model_alias(name, PREVIOUS, prod.version)
-        client.set_registered_model_alias(name, PRODUCTION, staging.version)
-        client.set_model_version_tag(name, staging.version, "asrflow.promoted_to_production_at", _now())
-    log.info("production: %s v%s (previous: %s)", name, staging.version, prod.version if prod else None)
+            client.set_registered_model_alias(name, PREVIOUS, str(prod.version))
+        client.set_registered_model_alias(name, PRODUCTION, str(staging.version))
+        client.set_model_version_tag(name, str(staging.version), "asrflow.promoted_to_production_at", _now())
+    log.info("production: %s v%s (previous: %s)", name, str(staging.version), str(prod.version) if prod else None)
     return {
         **out,
         "promoted": True,
-        "previous_version": prod.version if prod else None,
+        "previous_version": str(prod.version) if prod else None,
         "reason": f"canary WER {can['wer']:.4f} < {cfg.registry.canary_max_wer:g}",
     }
 
@@ -400,27 +400,27 @@ def rollback(cfg: AsrflowConfig) -> dict[str, Any]:
             return {
                 "model_name": name,
                 "rolled_back": False,
-                "version": prod.version if prod else None,
+                "version": str(prod.version) if prod else None,
                 "reason": f"no version has alias {PREVIOUS!r}: nothing to roll back to",
             }
-        if prod is not None and prod.version == prev.version:
+        if prod is not None and str(prod.version) == str(prev.version):
             return {
                 "model_name": name,
                 "rolled_back": False,
                 "already_rolled_back": True,
-                "version": prod.version,
-                "reason": f"{PRODUCTION} is already version {prev.version}",
+                "version": str(prod.version),
+                "reason": f"{PRODUCTION} is already version {str(prev.version)}",
             }
-        client.set_registered_model_alias(name, PRODUCTION, prev.version)
-        client.set_model_version_tag(name, prev.version, "asrflow.restored_by_rollback_at", _now())
+        client.set_registered_model_alias(name, PRODUCTION, str(prev.version))
+        client.set_model_version_tag(name, str(prev.version), "asrflow.restored_by_rollback_at", _now())
         if prod is not None:
-            client.set_model_version_tag(name, prod.version, TAG_ROLLED_BACK, "true")
-            client.set_model_version_tag(name, prod.version, "asrflow.rolled_back_at", _now())
-    log.info("rollback: %s production v%s -> v%s", name, prod.version if prod else None, prev.version)
+            client.set_model_version_tag(name, str(prod.version), TAG_ROLLED_BACK, "true")
+            client.set_model_version_tag(name, str(prod.version), "asrflow.rolled_back_at", _now())
+    log.info("rollback: %s production v%s -> v%s", name, str(prod.version) if prod else None, str(prev.version))
     return {
         "model_name": name,
         "rolled_back": True,
-        "version": prev.version,
-        "rolled_back_version": prod.version if prod else None,
-        "reason": f"{PRODUCTION} moved back from {prod.version if prod else None} to {prev.version}",
+        "version": str(prev.version),
+        "rolled_back_version": str(prod.version) if prod else None,
+        "reason": f"{PRODUCTION} moved back from {str(prod.version) if prod else None} to {str(prev.version)}",
     }

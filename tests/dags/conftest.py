@@ -93,3 +93,14 @@ class AirflowApi:
 @pytest.fixture()
 def tiny_root(tmp_path, tiny_landing, tiny_golden) -> Path:
     return make_root(tmp_path, tiny_landing, tiny_golden)
+
+
+# Every orchestration test that runs the DAG uses these overrides (one trial, one worker, one epoch).
+FAST = ["tune.n_trials=1", "tune.n_workers=1", "tune.epochs=1"]
+
+
+@pytest.fixture(scope="session")
+def dags_root(tmp_path_factory, tiny_landing, tiny_golden) -> Path:
+    """One tiny artifact root (with its own AIRFLOW_HOME) shared by the DAG-running tests of the session:
+    the steps are cached, so each test only pays for what its params change."""
+    return make_root(tmp_path_factory.mktemp("dags"), tiny_landing, tiny_golden)

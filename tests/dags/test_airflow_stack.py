@@ -23,23 +23,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.dags.conftest import AirflowApi, free_port, make_root, tiny_root_cfg
+from tests.dags.conftest import FAST, AirflowApi, free_port, tiny_root_cfg
 
 DAG = "asr_retraining"
-# keep the runs tiny: one trial, one worker, one epoch
-FAST = ["tune.n_trials=1", "tune.n_workers=1", "tune.epochs=1"]
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_landing, tiny_golden):
-    from pipeline_tasks.airflow_env import ADMIN_USER, admin_password, airflow_env, airflow_home, setup_airflow
+def stack(dags_root):
+    from pipeline_tasks.airflow_env import (
+        ADMIN_USER,
+        admin_password,
+        airflow_env,
+        airflow_home,
+        setup_airflow,
+    )
     from pipeline_tasks.airflow_ui import Stack
 
-    base = tmp_path_factory.mktemp("airflow_stack")
-    root = make_root(base, tiny_landing, tiny_golden)
-    cfg = tiny_root_cfg(root)
+    cfg = tiny_root_cfg(dags_root)
     port = free_port()
     env = airflow_env(cfg, port=port, extra={"AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"})
     setup_airflow(cfg, env)

@@ -67,10 +67,11 @@ def test_sigkill_and_restart_follows_the_same_loss_curve(tmp_path):
     assert CheckpointManager(ckdir).tags() == [tag_for_step(16), tag_for_step(20)]
 
 
-def test_world_size_2_ranks_see_disjoint_batches_and_end_identical(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_world_size_2_ranks_see_disjoint_batches_and_end_identical(tmp_path, launcher):
     args = tiny_args(tmp_path, epochs=1, record_batches=True, num_workers=1, checkpoint_dir=str(tmp_path / "ck"),
                      checkpoint_every_steps=3)
-    res = launch(args, world_size=2, launcher="torchrun", poll_s=0.5)
+    res = launch(args, world_size=2, launcher=launcher, poll_s=0.5)
     out = tmp_path / "out"
     assert res["world_size"] == 2 and res["steps"] > 1
     seen = {}

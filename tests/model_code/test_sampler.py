@@ -48,19 +48,21 @@ def test_bucket_batch_sizes_cap(durs, nb, caps):
         assert len(b) <= min(caps[bucket_of[i]] for i in b)
 
 
-@given(durations_st, st.integers(1, 6), st.integers(0, 3), st.data())
+@given(durations_st, st.integers(1, 6), st.integers(0, 3), st.integers(1, 3), st.data())
 @common
-def test_exact_resume_from_any_point(durs, nb, epoch, data):
-    ref = DynamicBucketingSampler(durs, 30.0, nb, seed=11)
+def test_exact_resume_from_any_point(durs, nb, epoch, world, data):
+    rank = data.draw(st.integers(0, world - 1))
+    kw = dict(seed=11, rank=rank, world_size=world)
+    ref = DynamicBucketingSampler(durs, 30.0, nb, **kw)
     ref.set_epoch(epoch)
     full = list(ref)
     k = data.draw(st.integers(0, len(full)))
-    s = DynamicBucketingSampler(durs, 30.0, nb, seed=11)
+    s = DynamicBucketingSampler(durs, 30.0, nb, **kw)
     s.set_epoch(epoch)
     it = iter(s)
     head = [next(it) for _ in range(k)]
     state = s.state_dict()
-    fresh = DynamicBucketingSampler(durs, 30.0, nb, seed=11)
+    fresh = DynamicBucketingSampler(durs, 30.0, nb, **kw)
     fresh.load_state_dict(state)
     fresh.set_epoch(epoch)  # a training loop re-selecting the same epoch keeps the position
     assert head + list(fresh) == full
