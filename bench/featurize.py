@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import soundfile as sf  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from data_contracts.schema import UTTERANCE_SCHEMA  # noqa: E402
 from model_code.audio import load_audio, pcm16_hash, write_flac  # noqa: E402
@@ -115,10 +116,9 @@ def ours(manifest: Path, ws: Path, fcfg: FeatureConfig, root: Path) -> tuple[Tim
 
 
 def lhotse_run(manifest: Path, ws: Path, jobs: int, out: Path) -> Timer:
+    import torch
     from lhotse import CutSet, Fbank, FbankConfig, Recording, RecordingSet
     from lhotse.features.io import NumpyFilesWriter
-
-    import torch
 
     # one torch thread per process, as Lhotse itself recommends for num_jobs > 1 (without it the
     # pool oversubscribes the cores and is several times slower); also the fairest CPU figure
@@ -198,7 +198,9 @@ def main() -> None:
     )
     WORK.mkdir(parents=True, exist_ok=True)
     ws, manifest, hours = make_corpus(args.utterances, args.seed, args.jobs)
-    fcfg = FeatureConfig(shard_size=args.shard_size, jobs=args.jobs, parallel_min_audio_s=0)  # always the pool
+    fcfg = FeatureConfig(
+        shard_size=args.shard_size, jobs=args.jobs, parallel_min_audio_s=0
+    )  # always the pool
     n = pq.read_metadata(manifest).num_rows
     print(f"corpus: {n} utterances, {hours * 60:.1f} audio-minutes, 16 kHz FLAC; cores: {os.cpu_count()}")
     figures: dict = {"command": cmd, "utterances": n, "audio_hours": hours, "cpu_count": os.cpu_count()}
@@ -226,8 +228,9 @@ def main() -> None:
             ]
         for name, fn in runs:
             t = fn()
-            if name not in best or t.wall < best[name].wall:
-                best[name] = t
+            if name in best:  # best (lowest) CPU and wall figures, each on its own
+                t.cpu, t.wall = min(t.cpu, best[name].cpu), min(t.wall, best[name].wall)
+            best[name] = t
     o1, op = best["ours_1"], best["ours_pool"]
     ours_rate = hours / (o1.cpu / 60)
     figures["ours"] = {
@@ -275,19 +278,22 @@ def main() -> None:
     kw = feature_kwargs(fcfg)
     reads, recs = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        table = FeatureTable(index)
-        cached = [table.features(i) for i in range(len(table))]
-        reads.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fresh = [logmel(sf.read(ws / p, dtype="float32")[0], **kw) for p in m]
-        recs.append(time.perf_counter() - t0)
+        with Timer() as tr:
+            table = FeatureTable(index)
+            cached = [table.features(i) for i in range(len(table))]
+        reads.append(tr)
+        with Timer() as tc, threadpool_limits(limits=1, user_api="blas"):  # as featurize computes them
+            fresh = [logmel(sf.read(ws / p, dtype="float32")[0], **kw) for p in m]
+        recs.append(tc)
     assert all(a.shape == b.shape for a, b in zip(cached, fresh, strict=True))
-    figures["read_s"], figures["recompute_s"] = min(reads), min(recs)
-    figures["read_speedup"] = min(recs) / min(reads)
+    rw, rc = min(t.wall for t in reads), min(t.cpu for t in reads)
+    cw, cc = min(t.wall for t in recs), min(t.cpu for t in recs)
+    figures.update(read_wall_s=rw, read_cpu_s=rc, recompute_wall_s=cw, recompute_cpu_s=cc)
+    figures["read_speedup_wall"], figures["read_speedup_cpu"] = cw / rw, cc / max(rc, 1e-9)
     print("\n(2) cached features vs recomputing from FLAC (all utterances, 1 process)")
     print(
-        f"  read cache {min(reads):.3f} s   recompute {min(recs):.3f} s   -> {min(recs) / min(reads):.1f}x   goal >= 10x"
+        f"  read cache {rw:.3f} s wall ({rc:.3f} s cpu)   recompute {cw:.3f} s wall ({cc:.3f} s cpu)"
+        f"   -> {cw / rw:.1f}x wall, {cc / max(rc, 1e-9):.1f}x cpu   goal >= 10x"
     )
 
     # (3) incremental: 90% cached, then the full manifest (10% new)

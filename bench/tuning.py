@@ -257,13 +257,27 @@ def real(args) -> None:
     """Real ``fit`` trials on the profile's proxy split: the same seed with ASHA and without."""
     from pipeline_tasks.pipeline import run_until
 
-    base = load_config(args.profile, [f"tune.n_trials={args.trials}", f"tune.epochs={args.epochs}", "tune.n_workers=1", "tune.timeout_s=null"])
+    base = load_config(
+        args.profile,
+        [
+            f"tune.n_trials={args.trials}",
+            f"tune.epochs={args.epochs}",
+            "tune.n_workers=1",
+            "tune.timeout_s=null",
+        ],
+    )
     inputs = {"split": run_until("split", base)["split"]}
     out = {}
     for pruner in ("none", "asha"):
         cfg = load_config(
             args.profile,
-            [f"tune.n_trials={args.trials}", f"tune.epochs={args.epochs}", f"tune.pruner={pruner}", "tune.n_workers=1", "tune.timeout_s=null"],
+            [
+                f"tune.n_trials={args.trials}",
+                f"tune.epochs={args.epochs}",
+                f"tune.pruner={pruner}",
+                "tune.n_workers=1",
+                "tune.timeout_s=null",
+            ],
         )
         t0 = time.monotonic()
         res = tune.run(cfg, inputs)
@@ -278,9 +292,13 @@ def real(args) -> None:
     e_un, e_as = epochs_to(out["none"]["records"], target), epochs_to(out["asha"]["records"], target)
     print("bench/tuning.py — ASHA vs no pruning (REAL train.fit on the proxy split, one seed)")
     for k, v in out.items():
-        print(f"{k:>5}: best {v['best']:.4f}  trial-epochs {sum(r['epochs'] for r in v['records'])}  wall {v['wall_s']:.0f}s")
-    print(f"epochs to within {args.tolerance} of unpruned best: unpruned {e_un}, asha {e_as}"
-          + (f", speedup {e_un / e_as:.2f}x" if e_as else " (ASHA missed the target)"))
+        print(
+            f"{k:>5}: best {v['best']:.4f}  trial-epochs {sum(r['epochs'] for r in v['records'])}  wall {v['wall_s']:.0f}s"
+        )
+    print(
+        f"epochs to within {args.tolerance} of unpruned best: unpruned {e_un}, asha {e_as}"
+        + (f", speedup {e_un / e_as:.2f}x" if e_as else " (ASHA missed the target)")
+    )
     print(f"reproduce: .venv/bin/python {CMD}")
 
 
@@ -293,8 +311,12 @@ def main() -> None:
     ap.add_argument("--asha-trials", type=int, default=120, help="max trials of the ASHA search")
     ap.add_argument("--epochs", type=int, default=27, help="max epochs per trial")
     ap.add_argument("--tolerance", type=float, default=0.01)
-    ap.add_argument("--crossing", default="0,0.5,1", help="surrogate learning-curve crossing strengths c (comma list)")
-    ap.add_argument("--variants", default="asha:1:3,asha:3:3,hyperband:1:3", help="pruned searches to compare")
+    ap.add_argument(
+        "--crossing", default="0,0.5,1", help="surrogate learning-curve crossing strengths c (comma list)"
+    )
+    ap.add_argument(
+        "--variants", default="asha:1:3,asha:3:3,hyperband:1:3", help="pruned searches to compare"
+    )
     ap.add_argument("--verbose", action="store_true", help="print every seed's row")
     ap.add_argument("--json", default="", help="also write per-seed rows here")
     args = ap.parse_args()

@@ -25,6 +25,16 @@ log = logging.getLogger("asrflow.dags")
 # The profile a scheduled run uses; the scheduler's environment may change it (tests use "tiny").
 DEFAULT_PROFILE = os.environ.get("ASRFLOW_PROFILE", "local")
 
+# The weekly schedule of asr_retraining. ASRFLOW_RETRAIN_SCHEDULE may replace it (another cron
+# expression) or switch it off ("none": manual triggers only, e.g. a dev or test stack where
+# unpausing must not start the latest missed Monday run).
+WEEKLY = "0 3 * * 1"
+
+
+def retrain_schedule() -> str | None:
+    value = os.environ.get("ASRFLOW_RETRAIN_SCHEDULE", WEEKLY).strip()
+    return None if value.lower() in ("", "none", "manual") else value
+
 
 def profiles() -> list[str]:
     """Profile names offered in the trigger form: ``configs/*.yaml``."""

@@ -83,7 +83,9 @@ def asr_promote_production():
         from airflow.sdk.exceptions import AirflowFailException  # fail now: retrying will not help
 
         if staging is None:
-            raise AirflowFailException(f"no version of {cfg.registry.model_name!r} has alias {promote.STAGING!r}")
+            raise AirflowFailException(
+                f"no version of {cfg.registry.model_name!r} has alias {promote.STAGING!r}"
+            )
         res = promote.canary(cfg, staging)
         passed = res["wer"] < cfg.registry.canary_max_wer
         print(
@@ -91,7 +93,9 @@ def asr_promote_production():
             f"{res['batch']} (max {cfg.registry.canary_max_wer:g}): {'PASS' if passed else 'FAIL'}"
         )
         if not passed:
-            raise AirflowFailException(f"canary failed: WER {res['wer']:.4f} >= {cfg.registry.canary_max_wer:g}")
+            raise AirflowFailException(
+                f"canary failed: WER {res['wer']:.4f} >= {cfg.registry.canary_max_wer:g}"
+            )
         return {**res, "passed": passed, "version": str(staging.version)}
 
     @task(task_id="promote_production", multiple_outputs=False, outlets=[PRODUCTION_MODEL], **retry_kwargs())

@@ -1,7 +1,8 @@
 """
 ### asr_retraining — weekly retraining of the speech recognizer
 
-Runs every **Monday 03:00 UTC** (or when you press *Trigger*). It takes the speech batches
+Runs every **Monday 03:00 UTC** (or when you press *Trigger*; `ASRFLOW_RETRAIN_SCHEDULE=none` in
+the scheduler's environment turns the weekly run off). It takes the speech batches
 that arrived in the landing zone, checks them against the data contracts, caches log-mel
 features, tunes hyperparameters on a proxy subset, trains the full model (GPU pool),
 evaluates it on the fixed golden set against the current champion, exports it to ONNX, and
@@ -45,7 +46,15 @@ from datetime import UTC, datetime
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import force_flag, retry_kwargs, run_config, run_params, run_step, task_settings
+from _common import (
+    force_flag,
+    retrain_schedule,
+    retry_kwargs,
+    run_config,
+    run_params,
+    run_step,
+    task_settings,
+)
 from airflow.sdk import Asset, TriggerRule, dag, task
 
 RAW_SNAPSHOT = Asset("asrflow://raw-snapshot")
@@ -58,7 +67,7 @@ _S = task_settings()
 
 @dag(
     dag_id="asr_retraining",
-    schedule="0 3 * * 1",
+    schedule=retrain_schedule(),  # "0 3 * * 1": Mondays 03:00 UTC
     start_date=datetime(2026, 1, 5, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
@@ -91,7 +100,12 @@ def asr_retraining():
 
         return featurize.run_shard(run_config(), {"validate": validate_res}, shard)
 
-    @task(task_id="featurize_finalize", multiple_outputs=False, outlets=[FEATURES], trigger_rule=TriggerRule.NONE_FAILED)
+    @task(
+        task_id="featurize_finalize",
+        multiple_outputs=False,
+        outlets=[FEATURES],
+        trigger_rule=TriggerRule.NONE_FAILED,
+    )
     def featurize_finalize(validate_res: dict, shard_results) -> dict:
         from pipeline_tasks import featurize
 
@@ -124,7 +138,12 @@ def asr_retraining():
 
         return tune.run_worker(run_config(), {"split": split_res}, int(worker_index))
 
-    @task(task_id="tune_finalize", multiple_outputs=False, trigger_rule=TriggerRule.NONE_FAILED, **retry_kwargs())
+    @task(
+        task_id="tune_finalize",
+        multiple_outputs=False,
+        trigger_rule=TriggerRule.NONE_FAILED,
+        **retry_kwargs(),
+    )
     def tune_finalize(split_res: dict, worker_results) -> dict:
         from pipeline_tasks import tune
 
@@ -163,7 +182,14 @@ def asr_retraining():
             ok, reason = True, f"gate passed: {evaluate_res.get('reason') or ''}".rstrip(": ")
         figures = {
             k: evaluate_res.get(k)
-            for k in ("candidate_wer", "candidate_cer", "champion_wer", "champion_version", "p_better", "ci95")
+            for k in (
+                "candidate_wer",
+                "candidate_cer",
+                "champion_wer",
+                "champion_version",
+                "p_better",
+                "ci95",
+            )
         }
         print(f"promote_gate: {'PROMOTE' if ok else 'SKIP'} — {reason}; figures: {figures}")
         ti.xcom_push(key="skip_reason", value=None if ok else reason)

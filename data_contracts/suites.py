@@ -257,6 +257,9 @@ class ContractRunner:
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         self.limits = limits
+        gx_log = logging.getLogger("great_expectations")
+        if gx_log.level == logging.NOTSET:  # its INFO lines (datasource loading...) drown the step's own log
+            gx_log.setLevel(logging.WARNING)
         self.ctx = gx.get_context(mode="ephemeral")
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         self.docs_dir = Path(docs_dir) if docs_dir else None

@@ -154,7 +154,9 @@ def airflow_cli(args: list[str], env: dict[str, str], check: bool = True, timeou
         [airflow_bin(), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT)
     )
     if check and proc.returncode != 0:
-        raise RuntimeError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(
+            f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc.stdout
 
 
@@ -176,7 +178,9 @@ def _airflow_version() -> str:
         return "unknown"
 
 
-def setup_airflow(cfg: AsrflowConfig, env: dict[str, str] | None = None, force: bool = False) -> dict[str, str]:
+def setup_airflow(
+    cfg: AsrflowConfig, env: dict[str, str] | None = None, force: bool = False
+) -> dict[str, str]:
     """Migrate the metadata DB and create the GPU pool (idempotent; a stamp skips it when done)."""
     env = env or airflow_env(cfg)
     home = Path(env["AIRFLOW_HOME"])

@@ -65,7 +65,9 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def start_airflow(self, components: tuple[str, ...] = ("api-server", "scheduler", "dag-processor")) -> None:
+    def start_airflow(
+        self, components: tuple[str, ...] = ("api-server", "scheduler", "dag-processor")
+    ) -> None:
         af = airflow_bin()
         for comp in components:
             self.start_component(comp, af)
@@ -111,7 +113,9 @@ class Stack:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
                 last = str(e)
             time.sleep(0.5)
-        raise TimeoutError(f"the API server did not become healthy in {timeout}s ({last}); see {self.log_dir}")
+        raise TimeoutError(
+            f"the API server did not become healthy in {timeout}s ({last}); see {self.log_dir}"
+        )
 
 
 def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
@@ -148,7 +152,18 @@ def start_stack(cfg: AsrflowConfig, port: int = 8080, mlflow_port: int | None = 
             uri = cfg.registry.tracking_uri
             if uri.startswith("sqlite:///"):
                 Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-            cmd = [mlflow_bin(), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1", "--backend-store-uri", uri]
+            cmd = [
+                mlflow_bin(),
+                "ui",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                uri,
+            ]
             stack.start("mlflow", cmd)
     except BaseException:
         stack.stop()
@@ -157,10 +172,14 @@ def start_stack(cfg: AsrflowConfig, port: int = 8080, mlflow_port: int | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline_tasks.airflow_ui", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline_tasks.airflow_ui", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--profile", default="local")
     ap.add_argument("--port", type=int, default=8080, help="Airflow API server / UI port (127.0.0.1)")
-    ap.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (127.0.0.1); 0 = no MLflow UI")
+    ap.add_argument(
+        "--mlflow-port", type=int, default=5000, help="MLflow UI port (127.0.0.1); 0 = no MLflow UI"
+    )
     args = ap.parse_args(argv)
 
     cfg = load_config(args.profile)

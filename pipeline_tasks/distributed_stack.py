@@ -377,45 +377,59 @@ class Stack:
     def dead(self) -> list[str]:
         return [p.name for p in self.procs if not self.alive(p.name)]
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal a component's whole process group (the fault tests use SIGKILL) without waiting."""
+    def kill(self, name: str, sig: int = signal.SIGKILL, reap_s: float = 5.0) -> None:
+        """Signal a component's whole process group (the fault test uses SIGKILL) and reap its leader."""
         p = self.proc(name)
-        if _alive(p.pid, p.start_time) or _group_alive(p.pgid):
+        if _alive(p.pid, p.start_time):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pgid, sig)
+        deadline = time.monotonic() + reap_s
+        while time.monotonic() < deadline and _alive(p.pid, p.start_time):
+            self._reap(name)
+            time.sleep(0.1)
 
     def stop_one(self, name: str, timeout: float = 20) -> None:
-        p = self.proc(name)
-        ours = _alive(p.pid, p.start_time)
-        if ours:
+        self._stop_many([name], timeout)
+
+    def _stop_many(self, names: list[str], timeout: float = 20) -> None:
+        """SIGTERM every group at once (postgres: SIGINT, a fast shutdown), wait, then SIGKILL what is left."""
+        procs = [self.proc(n) for n in names]
+        ours = {p.name: _alive(p.pid, p.start_time) for p in procs}
+        for p in procs:
+            if not ours[p.name]:
+                continue
             with contextlib.suppress(ProcessLookupError):
                 if p.stop_signal == signal.SIGTERM:
                     os.killpg(p.pgid, signal.SIGTERM)
-                else:  # postgres: fast shutdown is SIGINT to the postmaster alone
+                else:  # postgres: the postmaster alone gets the signal and stops its backends itself
                     os.kill(p.pid, p.stop_signal)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and _alive(p.pid, p.start_time):
-                self._reap(name)
-                time.sleep(0.2)
-        # The group may outlive its leader (task runners, pool processes). Only signal it when the
-        # leader was ours: a group id whose leader is gone and was never seen alive here may be
-        # a recycled id (process group ids are pids).
-        if ours or _proc_start_time(p.pid) is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pgid, signal.SIGKILL)
-        self._reap(name)
-        popen = self._popens.pop(name, None)
-        if popen is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=10)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(ours[p.name] and _alive(p.pid, p.start_time) for p in procs):
+            for p in procs:
+                self._reap(p.name)
+            time.sleep(0.2)
+        for p in procs:
+            # The group may outlive its leader (task runners, pool processes). Only signal it when
+            # the leader was ours: a group id whose leader is gone and was never seen alive here
+            # may be a recycled id (process group ids are pids).
+            if ours[p.name] or _proc_start_time(p.pid) is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pgid, signal.SIGKILL)
+            self._reap(p.name)
+            popen = self._popens.pop(p.name, None)
+            if popen is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(timeout=10)
 
-    def stop(self) -> None:
-        """Stop every recorded process, newest first, then forget them."""
-        for p in reversed(list(self.procs)):
+    def stop(self, timeout: float = 20) -> None:
+        """Stop every recorded process: the servers that use the databases first, then redis and postgres."""
+        infra = ("redis", "postgres")
+        first = [p.name for p in self.procs if p.name not in infra]
+        for batch in (first, [n for n in infra if any(p.name == n for p in self.procs)]):
             try:
-                self.stop_one(p.name)
+                self._stop_many(batch, timeout)
             except Exception as e:  # keep stopping the others
-                print(f"stopping {p.name}: {e}", file=sys.stderr)
+                print(f"stopping {', '.join(batch)}: {e}", file=sys.stderr)
         self.procs = []
         if self.dir.exists():
             self.save()

@@ -153,10 +153,9 @@ def _read_wave(path: Path, sample_rate: int) -> np.ndarray:
     """
     import soundfile as sf
 
-    info = sf.info(str(path))
-    if info.samplerate == sample_rate and info.channels == 1:
-        wave, _ = sf.read(str(path), dtype="float32")
-        return wave
+    with sf.SoundFile(str(path)) as f:  # one open: sf.info() + sf.read() parsed the header twice
+        if f.samplerate == sample_rate and f.channels == 1:
+            return f.read(dtype="float32")
     from model_code.audio import load_audio
 
     wave, _, _ = load_audio(path, target_sr=sample_rate)
@@ -216,7 +215,7 @@ def compute_shard(shard: dict[str, Any]) -> dict[str, Any]:
     cdir.mkdir(parents=True, exist_ok=True)
     tmp = cdir / f".tmp-{shard['name']}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
-        pq.write_table(table, tmp, row_group_size=int(fcfg["row_group_size"]), compression="zstd")
+        pq.write_table(table, tmp, row_group_size=int(fcfg["row_group_size"]), compression="none")
         if final.exists():  # never overwrite a published shard (a racing run wrote the same content)
             n_computed = 0
         else:

@@ -21,6 +21,13 @@ URL: ``file://``, ``memory://``, ``s3://``…; NeMo fields ``audio_filepath``, `
    ``quarantine.parquet`` (every landing row that could not be ingested, with a machine
    ``reason`` and readable ``message``) into the step output.
 
+Decoding uses a process pool (``ingest.jobs`` processes, 0 = all cores) when there are at least
+``ingest.pool_min_items`` files; smaller batches decode in-process, since a spawned worker
+must first import torch. The pool uses the ``spawn`` start method, so a script that calls
+:func:`run` must guard its entry point with ``if __name__ == "__main__":`` (spawned workers
+re-import the main module; an unguarded script would re-run ingest in each worker and wait
+forever on the step lock).
+
 Why this shape: the step key hashes the landing zone's *content* (manifest bytes, each
 file's content hash), the ingest config and the workspace location, never a time, so a
 rerun on the same landing zone returns the cached result; and if the cache is gone the

@@ -130,7 +130,9 @@ def task_states(env: dict[str, str], run_id: str) -> list[dict[str, Any]]:
             "WHERE dag_id = ? AND run_id = ? ORDER BY start_date, task_id, map_index",
             (DAG_ID, run_id),
         ).fetchall()
-    return [dict(zip(("task_id", "map_index", "state", "try_number", "duration"), r, strict=True)) for r in rows]
+    return [
+        dict(zip(("task_id", "map_index", "state", "try_number", "duration"), r, strict=True)) for r in rows
+    ]
 
 
 def xcom(env: dict[str, str], run_id: str, task_id: str, key: str = "return_value") -> Any:
@@ -197,7 +199,9 @@ def run_dag(
                             for ti in task_states(env, run_id):
                                 if _label(ti["task_id"], ti["map_index"]) == label:
                                     state = ti["state"]
-                    mark = {"success": "✔", "failed": "✘", "skipped": "⤼", "up_for_retry": "↻"}.get(state, "•")
+                    mark = {"success": "✔", "failed": "✘", "skipped": "⤼", "up_for_retry": "↻"}.get(
+                        state, "•"
+                    )
                     say(f"  {time.monotonic() - t0:6.0f}s  {mark} {label}: {state} in {dur:.1f}s")
                 elif run_id is None and (m := _RUN_ID.search(line)):
                     run_id = m.group(1)
@@ -248,8 +252,18 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return str(v)
 
 
-STEP_TASKS = ("ingest", "validate", "featurize_finalize", "golden", "split", "tune_finalize", "train",
-              "evaluate", "export", "promote")
+STEP_TASKS = (
+    "ingest",
+    "validate",
+    "featurize_finalize",
+    "golden",
+    "split",
+    "tune_finalize",
+    "train",
+    "evaluate",
+    "export",
+    "promote",
+)
 
 
 def step_freshness(env: dict[str, str], run_id: str, since: float) -> tuple[list[str], list[str]]:
@@ -300,14 +314,17 @@ def summary(
         )
         say(f"  decision: {'PASS' if ev.get('passed') else 'FAIL'} — {ev.get('reason', '')}")
     if tr:
-        say(f"train: dev WER {_fmt(tr.get('dev_wer'))}, {tr.get('epochs')} epoch(s), {_fmt(tr.get('wall_s'), 0)}s")
+        say(
+            f"train: dev WER {_fmt(tr.get('dev_wer'))}, {tr.get('epochs')} epoch(s), {_fmt(tr.get('wall_s'), 0)}s"
+        )
     if ex:
         say(f"export: {Path(ex.get('output_dir', '')) / str(ex.get('onnx', ''))}")
     model = cfg.registry.model_name
     if prom:
         fresh = prom.get("new_version_created") and (
             (Path(prom["output_dir"]) / "_SUCCESS.json").stat().st_mtime >= run_started
-            if prom.get("output_dir") else True
+            if prom.get("output_dir")
+            else True
         )
         new = "new version registered by this run" if fresh else "nothing new registered (already registered)"
         say(
@@ -321,7 +338,9 @@ def summary(
     say(f"Airflow:  AIRFLOW_HOME={airflow_home(cfg)}  (make airflow-ui → http://127.0.0.1:8080)")
     if prom.get("alias") or prom.get("version"):
         golden = Path(cfg.paths.golden_dir)
-        sample = next(iter(sorted(golden.glob("audio/*.wav"))), None) or next(iter(sorted(golden.rglob("*.wav"))), None)
+        sample = next(iter(sorted(golden.glob("audio/*.wav"))), None) or next(
+            iter(sorted(golden.rglob("*.wav"))), None
+        )
         say("try it:")
         prefix = f"ASRFLOW_ROOT={cfg.root} " if os.environ.get("ASRFLOW_ROOT") else ""
         say(
@@ -332,10 +351,14 @@ def summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline_tasks.local_run", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline_tasks.local_run", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--profile", default="local", help="profile name in configs/ (default: local)")
     ap.add_argument("--week", type=int, default=None, help="add week N of synthetic data and retrain")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key.sub=value")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="config override key.sub=value"
+    )
     ap.add_argument("--force", action="store_true", help="recompute every step")
     ap.add_argument("--no-promote", action="store_true", help="only evaluate: never move the staging alias")
     args = ap.parse_args(argv)
@@ -349,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     env = airflow_env(cfg)
     t0 = time.monotonic()
     setup_airflow(cfg, env)
-    say(f"• Airflow ready ({time.monotonic() - t0:.0f}s): metadata DB {env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}")
+    say(
+        f"• Airflow ready ({time.monotonic() - t0:.0f}s): metadata DB {env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}"
+    )
     conf = {"profile": cfg.profile, "force": bool(args.force), "promote": not args.no_promote}
     if args.overrides:
         conf["overrides"] = list(args.overrides)

@@ -195,7 +195,7 @@ def validate_space(cfg: AsrflowConfig) -> None:
             raise ValueError(f"tune.space: {name!r} is not a config key") from e
         if isinstance(base, dict):
             raise ValueError(f"tune.space: {name!r} is a config section, not a value")
-        for dep in (p.condition or {}):
+        for dep in p.condition or {}:
             if dep == name:
                 raise ValueError(f"tune.space: {name!r} is conditioned on itself")
             if dep not in cfg.tune.space:
@@ -211,9 +211,7 @@ def _sampling_order(space: dict[str, SearchParam]) -> list[str]:
     order: list[str] = []
     pending = dict(space)
     while pending:
-        ready = [
-            n for n, p in pending.items() if not any(dep in pending for dep in (p.condition or {}))
-        ]
+        ready = [n for n, p in pending.items() if not any(dep in pending for dep in (p.condition or {}))]
         if not ready:
             raise ValueError(f"tune.space: cyclic conditions among {sorted(pending)}")
         for n in ready:
@@ -354,7 +352,9 @@ def space_hash(cfg: AsrflowConfig) -> str:
 def study_name(cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]]) -> str:
     """``asrflow-tune-<proxy md5[:10]>-<space hash>-<settings hash>``: same inputs, same study."""
     split = inputs["split"]
-    settings = sha256_hex(canonical_json({"identity": _search_identity(cfg), "dev_md5": split.get("dev_md5")}))
+    settings = sha256_hex(
+        canonical_json({"identity": _search_identity(cfg), "dev_md5": split.get("dev_md5")})
+    )
     return f"asrflow-tune-{split['proxy_md5'][:10]}-{space_hash(cfg)}-{settings[:10]}"
 
 
@@ -537,7 +537,9 @@ def _parent_run_id(cfg: AsrflowConfig, study, prepare_if_missing: bool) -> str |
 # ---------------------------------------------------------------------------------------
 
 
-def proxy_subset(cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]], fraction: float | None = None) -> Path:
+def proxy_subset(
+    cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]], fraction: float | None = None
+) -> Path:
     """The proxy index at ``tune.proxy_fraction``: a deterministic, hash-ordered row sample.
 
     Written once per (proxy md5, fraction) under ``<root>/tune/_work/`` (atomic rename), so
@@ -693,7 +695,14 @@ def run_worker(
     split = inputs["split"]
     dev_index = resolve(split, split["dev"])
     work_dir = cfg.root / STEP / "_work" / name
-    mine = {"worker": worker_index, "complete": 0, "pruned": 0, "failed": 0, "surplus": 0, "host": socket.gethostname()}
+    mine = {
+        "worker": worker_index,
+        "complete": 0,
+        "pruned": 0,
+        "failed": 0,
+        "surplus": 0,
+        "host": socket.gethostname(),
+    }
 
     tracking = parent is not None
     if tracking:
@@ -707,7 +716,8 @@ def run_worker(
         live = sorted(
             x.number
             for x in study.get_trials(
-                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+                deepcopy=False,
+                states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING),
             )
         )
         if trial.number in live and live.index(trial.number) >= n_trials:
@@ -782,7 +792,9 @@ def run_worker(
             if logging_on:
                 _mlflow_call(
                     "log params",
-                    lambda: mlflow.log_params({**{k: str(v) for k, v in overrides.items()}, "tune.worker": worker_index}),
+                    lambda: mlflow.log_params(
+                        {**{k: str(v) for k, v in overrides.items()}, "tune.worker": worker_index}
+                    ),
                 )
             res = fn(trial_cfg, ctx, on_epoch_end)
             wer = float(res["dev_wer"])
@@ -841,7 +853,9 @@ def run_worker(
     return mine
 
 
-def _worker_entry(cfg_dict: dict[str, Any], inputs: dict[str, Any], idx: int, trial_fn: str | None, out: str) -> None:
+def _worker_entry(
+    cfg_dict: dict[str, Any], inputs: dict[str, Any], idx: int, trial_fn: str | None, out: str
+) -> None:
     """Spawned-process entry point: run one worker and write its result JSON to ``out``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     res = run_worker(config_from_dict(cfg_dict), inputs, idx, trial_fn=trial_fn)
@@ -908,7 +922,10 @@ def _importances(study, cfg: AsrflowConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, ev in (
         ("fanova", lambda: optuna.importance.FanovaImportanceEvaluator(seed=cfg.tune.sampler_seed)),
-        ("mean_decrease_impurity", lambda: optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=cfg.tune.sampler_seed)),
+        (
+            "mean_decrease_impurity",
+            lambda: optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=cfg.tune.sampler_seed),
+        ),
     ):
         try:
             out[label] = optuna.importance.get_param_importances(study, evaluator=ev(), target=target)
@@ -956,10 +973,14 @@ def _fidelity_check(
 
             run = _mlflow_call(
                 "start fidelity run",
-                lambda: mlflow.start_run(
-                    run_name=f"fidelity-{x.number:04d}",
+                lambda n=x.number: mlflow.start_run(
+                    run_name=f"fidelity-{n:04d}",
                     parent_run_id=parent,
-                    tags={"asrflow.step": STEP, "optuna.study": study.study_name, "fidelity_of_trial": str(x.number)},
+                    tags={
+                        "asrflow.step": STEP,
+                        "optuna.study": study.study_name,
+                        "fidelity_of_trial": str(n),
+                    },
                 ),
             )
         status = "FAILED"
@@ -968,7 +989,7 @@ def _fidelity_check(
             status = "FINISHED"
         finally:
             if run is not None:
-                _mlflow_call("end fidelity run", lambda: mlflow.end_run(status=status), retries=1)
+                _mlflow_call("end fidelity run", lambda s=status: mlflow.end_run(status=s), retries=1)
             shutil.rmtree(ctx.out_dir, ignore_errors=True)
         rows.append({"trial": x.number, "proxy_wer": x.values[0], "hifi_wer": float(res["dev_wer"])})
     rho = p = None
@@ -1002,7 +1023,12 @@ def _finalize_work(
         front = sorted(study.best_trials, key=lambda x: (x.values[0], x.values[1]))
         best = front[0]
         pareto = [
-            {"trial": x.number, "dev_wer": x.values[0], "latency_ms_per_s": x.values[1], "overrides": x.user_attrs.get("overrides", x.params)}
+            {
+                "trial": x.number,
+                "dev_wer": x.values[0],
+                "latency_ms_per_s": x.values[1],
+                "overrides": x.user_attrs.get("overrides", x.params),
+            }
             for x in front
         ]
         write_json_atomic(tmp / "pareto_front.json", pareto)
@@ -1046,9 +1072,7 @@ def _finalize_work(
     if cfg.tune.fidelity_check_top_k > 0:
         fidelity = _fidelity_check(cfg, inputs, study, _load_trial_fn(trial_fn), parent)
         write_json_atomic(tmp / "fidelity_check.json", fidelity)
-    trial_epochs = sum(
-        int(x.user_attrs.get("epochs_done", len(x.intermediate_values))) for x in finished
-    )
+    trial_epochs = sum(int(x.user_attrs.get("epochs_done", len(x.intermediate_values))) for x in finished)
     result = {
         "best_overrides": overrides,
         "best_value": best.values[0],
@@ -1091,7 +1115,13 @@ def _finalize_work(
             for k, v in metrics.items():
                 client.log_metric(parent, k, float(v))
             client.set_tag(parent, "best_overrides", json.dumps(overrides, sort_keys=True)[:5000])
-            for f in ("best_config.json", "importances.json", "trials.json", "pareto_front.json", "fidelity_check.json"):
+            for f in (
+                "best_config.json",
+                "importances.json",
+                "trials.json",
+                "pareto_front.json",
+                "fidelity_check.json",
+            ):
                 if (tmp / f).exists():
                     client.log_artifact(parent, str(tmp / f))
             if (tmp / "plots").exists():
@@ -1115,7 +1145,11 @@ def finalize(
         return run(cfg, inputs, force=force)
     key = step_key_for(cfg, inputs)
     return run_step(
-        cfg.root, STEP, key, lambda tmp: _finalize_work(cfg, inputs, list(worker_results), tmp, trial_fn), force=force
+        cfg.root,
+        STEP,
+        key,
+        lambda tmp: _finalize_work(cfg, inputs, list(worker_results), tmp, trial_fn),
+        force=force,
     )
 
 

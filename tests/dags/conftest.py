@@ -40,7 +40,9 @@ class AirflowApi:
         self.base = base_url.rstrip("/")
         self.s = requests.Session()
         self.s.trust_env = False  # loopback only, never through a proxy
-        r = self.s.post(f"{self.base}/auth/token", json={"username": username, "password": password}, timeout=30)
+        r = self.s.post(
+            f"{self.base}/auth/token", json={"username": username, "password": password}, timeout=30
+        )
         assert r.status_code in (200, 201), r.text
         self.token = r.json()["access_token"]
         self.s.headers["Authorization"] = f"Bearer {self.token}"
@@ -63,7 +65,9 @@ class AirflowApi:
         raise TimeoutError(f"DAG {dag_id} was not parsed in {timeout}s")
 
     def trigger(self, dag_id: str, conf: dict) -> dict:
-        return self.req("POST", f"/dags/{dag_id}/dagRuns", ok=(200,), json={"logical_date": None, "conf": conf})
+        return self.req(
+            "POST", f"/dags/{dag_id}/dagRuns", ok=(200,), json={"logical_date": None, "conf": conf}
+        )
 
     def run(self, dag_id: str, run_id: str) -> dict:
         return self.get(f"/dags/{dag_id}/dagRuns/{run_id}")

@@ -43,7 +43,12 @@ def stack(dags_root):
 
     cfg = tiny_root_cfg(dags_root)
     port = free_port()
-    env = airflow_env(cfg, port=port, extra={"AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5"})
+    # manual runs only: unpausing must not start the latest missed Monday run on top of ours
+    env = airflow_env(
+        cfg,
+        port=port,
+        extra={"AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5", "ASRFLOW_RETRAIN_SCHEDULE": "none"},
+    )
     setup_airflow(cfg, env)
     st = Stack(env=env, log_dir=airflow_home(cfg) / "test-logs", port=port)
     st.cfg = cfg  # type: ignore[attr-defined]
@@ -79,8 +84,17 @@ def test_rest_manual_trigger_with_params(stack):
     assert done["state"] == "success", {k: v["state"] for k, v in tis.items()}
     # the train task ran in the GPU pool
     assert tis[("train", -1)]["pool"] == "gpu_pool"
-    # the featurize shards were mapped (dynamic task mapping)
-    assert any(tid == "featurize_shard" and mi >= 0 for tid, mi in tis)
+    # the featurize shards were mapped over the plan (dynamic task mapping); an empty plan
+    # (nothing new to featurize in this shared root) leaves one skipped placeholder
+    plan = api.xcom(DAG, run["dag_run_id"], "featurize_plan")
+    plan = json.loads(plan) if isinstance(plan, str) else plan
+    shard_tis = [v for (tid, _), v in tis.items() if tid == "featurize_shard"]
+    if plan:
+        assert sorted(t["map_index"] for t in shard_tis) == list(range(len(plan)))
+        assert all(t["state"] == "success" for t in shard_tis)
+    else:
+        assert [t["state"] for t in shard_tis] == ["skipped"]
+    assert tis[("featurize_finalize", -1)]["state"] == "success"
     # the gate's decision, read back through the REST API
     ev = api.xcom(DAG, run["dag_run_id"], "evaluate")
     ev = json.loads(ev) if isinstance(ev, str) else ev
@@ -116,7 +130,9 @@ def _chrome(tmp_path: Path):
         "--window-size=1400,1000",
     ):
         opts.add_argument(a)
-    return webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    return webdriver.Chrome(
+        options=opts, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    )
 
 
 @pytest.mark.browser
@@ -215,3 +231,45 @@ def test_scheduler_killed_mid_run_resumes_without_redoing(stack):
     assert tis[("ingest", -1)]["try_number"] == 1
     assert success.stat().st_mtime_ns == mtime
     assert all(t["state"] in ("success", "skipped") for t in tis.values())
+
+
+def test_promote_production_and_rollback(stack):
+    """The manual production DAG: canary + staging → production, then the rollback branch."""
+    from pipeline_tasks.inference import alias_version
+
+    api: AirflowApi = stack.api
+    dag = "asr_promote_production"
+    api.wait_dag(dag)
+    api.req("PATCH", f"/dags/{dag}", json={"is_paused": False})
+    cfg = stack.cfg
+    staging = alias_version(cfg, "staging", cfg.registry.model_name)
+    assert staging is not None, "asr_retraining should have staged a version"
+
+    # the tiny model's WER is far above the default canary bar: lift it for this run
+    run = api.trigger(
+        dag, {"profile": "tiny", "rollback": False, "overrides": ["registry.canary_max_wer=1.5"]}
+    )
+    done = api.wait_run(dag, run["dag_run_id"], timeout=300, stack=stack)
+    tis = {t["task_id"]: t["state"] for t in api.task_instances(dag, run["dag_run_id"])}
+    assert done["state"] == "success", tis
+    assert tis == {
+        "choose_action": "success",
+        "canary_check": "success",
+        "promote_production": "success",
+        "rollback": "skipped",
+    }
+    canary = api.xcom(dag, run["dag_run_id"], "canary_check")
+    canary = json.loads(canary) if isinstance(canary, str) else canary
+    assert canary["passed"] is True and canary["version"] == str(staging.version)
+    prod = alias_version(cfg, "production", cfg.registry.model_name)
+    assert prod is not None and prod.version == staging.version
+
+    run = api.trigger(dag, {"profile": "tiny", "rollback": True})
+    done = api.wait_run(dag, run["dag_run_id"], timeout=300, stack=stack)
+    tis = {t["task_id"]: t["state"] for t in api.task_instances(dag, run["dag_run_id"])}
+    assert done["state"] == "success", tis
+    assert tis["rollback"] == "success" and tis["canary_check"] == "skipped"
+    assert tis["promote_production"] == "skipped"
+    rb = api.xcom(dag, run["dag_run_id"], "rollback")
+    rb = json.loads(rb) if isinstance(rb, str) else rb
+    assert "rolled_back" in rb and rb["reason"]

@@ -168,7 +168,11 @@ def test_overrides_from_params():
     finally:
         sys.path.remove(str(REPO / "dags"))
     params = {"landing_url": "s3://b/in", "n_trials": 3, "epochs": None, "overrides": ["train.lr=0.01", " "]}
-    assert overrides_from_params(params) == ["paths.landing_url=s3://b/in", "tune.n_trials=3", "train.lr=0.01"]
+    assert overrides_from_params(params) == [
+        "paths.landing_url=s3://b/in",
+        "tune.n_trials=3",
+        "train.lr=0.01",
+    ]
     from pipeline_tasks.config import load_config
 
     cfg = load_config("tiny", overrides_from_params(params))

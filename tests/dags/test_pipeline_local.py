@@ -16,7 +16,18 @@ from tests.dags.conftest import FAST, tiny_root_cfg
 
 pytestmark = pytest.mark.slow
 
-STEPS = ("ingest", "validate", "featurize", "golden", "split", "tune", "train", "evaluate", "export", "promote")
+STEPS = (
+    "ingest",
+    "validate",
+    "featurize",
+    "golden",
+    "split",
+    "tune",
+    "train",
+    "evaluate",
+    "export",
+    "promote",
+)
 
 
 def snapshot(root: Path) -> dict[str, dict[str, tuple[str, int]]]:

@@ -78,8 +78,15 @@ def fake_split(root: Path, proxy_md5: str = "0" * 32) -> dict:
     """A split result whose files are never read (proxy_fraction=1, quick trial fn)."""
     out = root / "split" / "fake"
     out.mkdir(parents=True, exist_ok=True)
-    return {"split": {"output_dir": str(out), "proxy": "proxy.parquet", "dev": "dev.parquet",
-                      "proxy_md5": proxy_md5, "dev_md5": "1" * 32}}
+    return {
+        "split": {
+            "output_dir": str(out),
+            "proxy": "proxy.parquet",
+            "dev": "dev.parquet",
+            "proxy_md5": proxy_md5,
+            "dev_md5": "1" * 32,
+        }
+    }
 
 
 def _study(cfg, inputs):
@@ -187,9 +194,7 @@ def test_killed_worker_trial_is_retried_via_heartbeat(tmp_path):
     res = tune.run_worker(cfg, inputs, 0, trial_fn=QUICK)
     study = _study(cfg, inputs)
     assert study.trials[hung].state == TrialState.FAIL
-    retried = [
-        t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == hung
-    ]
+    retried = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == hung]
     assert len(retried) == 1
     assert retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retried[0].params == study.trials[hung].params  # same config, re-run
@@ -204,8 +209,19 @@ def test_conditional_params_and_derived_overrides(tmp_path):
 
     space = {
         "train.schedule": {"type": "categorical", "choices": ["cosine", "noam"]},
-        "train.min_lr_ratio": {"type": "float", "low": 0.01, "high": 0.2, "condition": {"train.schedule": "cosine"}},
-        "train.warmup_steps": {"type": "int", "low": 10, "high": 50, "step": 10, "condition": {"train.schedule": ["noam"]}},
+        "train.min_lr_ratio": {
+            "type": "float",
+            "low": 0.01,
+            "high": 0.2,
+            "condition": {"train.schedule": "cosine"},
+        },
+        "train.warmup_steps": {
+            "type": "int",
+            "low": 10,
+            "high": 50,
+            "step": 10,
+            "condition": {"train.schedule": ["noam"]},
+        },
         "model.d_model": {"type": "categorical", "choices": [30, 32, 48]},
         "train.sampler.max_duration_s": {"type": "categorical", "choices": [20, 80]},
         "train.lr": {"type": "float", "low": 0.001, "high": 0.004, "log": True},
@@ -236,18 +252,33 @@ def test_conditional_params_and_derived_overrides(tmp_path):
     with pytest.raises(ValueError, match="not a config key"):
         tune.validate_space(make_cfg(tmp_path, ['tune.space={"train.nope": {type: int, low: 1, high: 2}}']))
     with pytest.raises(ValueError, match="cyclic"):
-        tune.validate_space(make_cfg(tmp_path, [
-            'tune.space={"train.lr": {type: float, low: 0.1, high: 0.2, condition: {model.dropout: 0.1}},'
-            ' "model.dropout": {type: float, low: 0.0, high: 0.2, condition: {train.lr: 0.1}}}'
-        ]))
+        tune.validate_space(
+            make_cfg(
+                tmp_path,
+                [
+                    'tune.space={"train.lr": {type: float, low: 0.1, high: 0.2, condition: {model.dropout: 0.1}},'
+                    ' "model.dropout": {type: float, low: 0.0, high: 0.2, condition: {train.lr: 0.1}}}'
+                ],
+            )
+        )
 
 
 def test_param_budget_rejects_big_models(tmp_path):
     space = {"model.d_model": {"type": "categorical", "choices": [16, 256]}}
     small = make_cfg(tmp_path, ["model.d_model=16"])
-    budget = (tune.estimate_params(small) + tune.estimate_params(make_cfg(tmp_path, ["model.d_model=256"]))) // 2
-    cfg = make_cfg(tmp_path, [f"tune.space={json.dumps(space)}", f"tune.max_params={budget}", "tune.n_trials=6",
-                              "tune.n_workers=1", "tune.pruner=none"])
+    budget = (
+        tune.estimate_params(small) + tune.estimate_params(make_cfg(tmp_path, ["model.d_model=256"]))
+    ) // 2
+    cfg = make_cfg(
+        tmp_path,
+        [
+            f"tune.space={json.dumps(space)}",
+            f"tune.max_params={budget}",
+            "tune.n_trials=6",
+            "tune.n_workers=1",
+            "tune.pruner=none",
+        ],
+    )
     inputs = fake_split(tmp_path)
     res = tune.run(cfg, inputs, trial_fn=QUICK)
     trials = json.loads(tune.resolve(res, res["trials"]).read_text())
@@ -267,7 +298,12 @@ def test_study_name_tracks_space_and_proxy_md5(tmp_path):
     assert tune.study_name(wider, fake_split(tmp_path, "a" * 32)) != a
     assert tune.study_name(make_cfg(tmp_path, ["tune.pruner=median"]), fake_split(tmp_path, "a" * 32)) != a
     # operational settings continue the same study
-    assert tune.study_name(make_cfg(tmp_path, ["tune.n_workers=5", "tune.n_trials=50"]), fake_split(tmp_path, "a" * 32)) == a
+    assert (
+        tune.study_name(
+            make_cfg(tmp_path, ["tune.n_workers=5", "tune.n_trials=50"]), fake_split(tmp_path, "a" * 32)
+        )
+        == a
+    )
 
 
 def test_disabled_returns_empty_overrides(tmp_path):
@@ -282,21 +318,32 @@ def test_multi_objective_pareto_front(tmp_path):
         "model.d_model": {"type": "categorical", "choices": [16, 32, 64]},
         "train.lr": {"type": "float", "low": 0.0005, "high": 0.005, "log": True},
     }
-    cfg = make_cfg(tmp_path, [f"tune.space={json.dumps(space)}", "tune.multi_objective=true",
-                              "tune.n_trials=6", "tune.n_workers=1", "tune.epochs=2"])
+    cfg = make_cfg(
+        tmp_path,
+        [
+            f"tune.space={json.dumps(space)}",
+            "tune.multi_objective=true",
+            "tune.n_trials=6",
+            "tune.n_workers=1",
+            "tune.epochs=2",
+        ],
+    )
     res = tune.run(cfg, fake_split(tmp_path), trial_fn=QUICK)
     front = json.loads(tune.resolve(res, res["pareto_front"]).read_text())
     assert front and res["best_value"] == pytest.approx(min(p["dev_wer"] for p in front))
     assert res["best_overrides"] == front[0]["overrides"]
     # no Pareto point is dominated by another
     for p in front:
-        assert not any(q["dev_wer"] <= p["dev_wer"] and q["latency_ms_per_s"] < p["latency_ms_per_s"] for q in front)
+        assert not any(
+            q["dev_wer"] <= p["dev_wer"] and q["latency_ms_per_s"] < p["latency_ms_per_s"] for q in front
+        )
     assert res["n_trials_pruned"] == 0  # pruning is off for multi-objective studies
 
 
 def test_fidelity_check_spearman(tmp_path):
-    cfg = make_cfg(tmp_path, ["tune.n_trials=5", "tune.n_workers=1", "tune.pruner=none",
-                              "tune.fidelity_check_top_k=3"])
+    cfg = make_cfg(
+        tmp_path, ["tune.n_trials=5", "tune.n_workers=1", "tune.pruner=none", "tune.fidelity_check_top_k=3"]
+    )
     res = tune.run(cfg, fake_split(tmp_path), trial_fn=QUICK)
     fc = res["fidelity_check"]
     assert fc["k"] == 3 and fc["epochs"] == 2
