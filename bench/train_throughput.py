@@ -98,10 +98,9 @@ class _GpuSampler:
 def run_variant(cfg, index: Path, steps: int, workers: int, precision: str, tmp: Path) -> dict:
     import torch
 
+    from model_code.dataset import FeatureTable
     from model_code.training import train
     from pipeline_tasks.train import make_tokenizer, train_args
-
-    from model_code.dataset import FeatureTable
 
     tok = make_tokenizer(cfg, FeatureTable(index, in_memory=False).texts())
     out = tmp / f"out-w{workers}-{precision}"

@@ -116,7 +116,11 @@ def run_study(
         upd["reduction_factor"] = int(rest[1])
     tcfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update=upd)})
     study = optuna.create_study(
-        direction="minimize", sampler=tune.make_sampler(tcfg, seed), pruner=tune.make_pruner(tcfg)
+        # a fixed name: HyperbandPruner assigns brackets by hashing the study name
+        study_name=f"bench-{variant}-{seed}-{crossing}",
+        direction="minimize",
+        sampler=tune.make_sampler(tcfg, seed),
+        pruner=tune.make_pruner(tcfg),
     )
     records: list[dict] = []
 

@@ -4,7 +4,7 @@ Feature shards (written by ``pipeline_tasks/featurize.py``) are Parquet files, o
 utterance, schema :data:`FEATURE_SHARD_SCHEMA`. The ``features`` column holds the row-major
 bytes of a ``(n_frames, n_mels)`` float16 (or float32, see the file's ``asrflow.feature_dtype``
 metadata) array in a ``large_binary`` cell. That layout was chosen by measurement
-(``bench/featurize.py``): decoding ``list<float16>`` cells through Arrow was ~10x slower to read
+(``bench/featurize.py``): decoding ``list<float16>`` cells through Arrow was ~7x slower to read
 and ~20x slower to write than slicing one binary buffer with ``np.frombuffer``.
 
 Why a separate module: the featurize worker processes write shards and must stay light (numpy,

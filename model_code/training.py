@@ -153,13 +153,19 @@ def build_ds_config(args: TrainArgs, device_type: str) -> dict[str, Any]:
 
 
 def lr_lambda_factory(
-    schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    time_progress: Callable[[], float] | None = None,
 ) -> Callable[[int], float]:
     """Multiplier of the base LR at optimizer step ``s`` (0-based, before the step).
 
     cosine: linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at
-    ``total_steps``. noam: linear warmup, then ``sqrt(warmup / s)`` decay (peak 1 at warmup),
-    floored at ``min_lr_ratio``.
+    ``total_steps``. With ``time_progress`` (a run under a wall-clock cap: elapsed / cap, 0..1)
+    the decay follows whichever is further, steps or time, so a capped run still ends at the
+    low LR instead of being cut off mid-schedule. noam: linear warmup, then
+    ``sqrt(warmup / s)`` decay (peak 1 at warmup), floored at ``min_lr_ratio``.
     """
     w = max(int(warmup_steps), 0)
     total = max(int(total_steps), 1)
@@ -170,6 +176,14 @@ def lr_lambda_factory(
         if w and s1 <= w:
             return s1 / w
         prog = min(max((s1 - w) / max(total - w, 1), 0.0), 1.0)
+        if time_progress is not None:
+            tp = min(max(time_progress(), 0.0), 1.0)
+            # decay over the time left after warmup (no jump at the end of warmup); the time
+            # fraction at which warmup ended is kept on the function (and in checkpoints)
+            if cosine.warm_end is None:
+                cosine.warm_end = tp
+            we = cosine.warm_end
+            prog = max(prog, (tp - we) / (1.0 - we) if we < 1.0 else 1.0)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * prog))
 
     def noam(s: int) -> float:
@@ -178,6 +192,7 @@ def lr_lambda_factory(
             return s1 / w
         return max(math.sqrt(max(w, 1) / s1), floor)
 
+    cosine.warm_end = None  # type: ignore[attr-defined]
     if schedule == "cosine":
         return cosine
     if schedule == "noam":
@@ -454,10 +469,18 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
     ds_config = build_ds_config(args, device_type)
     base_opt_params = [p for p in model.parameters() if p.requires_grad]
 
+    clock = {"before": 0.0, "t0": time.monotonic()}  # filled in after a resume
+    cap_s = args.max_minutes * 60.0 if args.max_minutes else None
+
+    def time_progress() -> float:
+        return (clock["before"] + time.monotonic() - clock["t0"]) / cap_s
+
+    lr_fn = lr_lambda_factory(
+        args.schedule, args.warmup_steps, total_steps, args.min_lr_ratio, time_progress if cap_s else None
+    )
+
     def sched_factory(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda_factory(args.schedule, args.warmup_steps, total_steps, args.min_lr_ratio)
-        )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=base_opt_params, config=ds_config, lr_scheduler=sched_factory
@@ -490,6 +513,8 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         if loaded is not None:
             state.update(loaded)
             resumed_from = int(state["global_step"])
+            if hasattr(lr_fn, "warm_end"):
+                lr_fn.warm_end = state.get("lr_warm_end")
             log.info("rank %d: resumed from step %d (epoch %d)", rank, resumed_from, state["epoch"])
 
     events = _EventLog(out_dir / "events.jsonl" if rank == 0 else None)
@@ -513,8 +538,8 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
 
     session_t0 = time.monotonic()
     elapsed_before = float(state["elapsed_s"])
+    clock.update(before=elapsed_before, t0=session_t0)
     last_ckpt_t = time.monotonic()
-    cap_s = args.max_minutes * 60.0 if args.max_minutes else None
     load_times: list[float] = []
     stop = bool(state["stopped_early"])  # a capped run that was already finished stays finished
     engine.train()
@@ -524,6 +549,7 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         if ckpt is None:
             return
         state["elapsed_s"] = elapsed_before + (time.monotonic() - session_t0)
+        state["lr_warm_end"] = getattr(lr_fn, "warm_end", None)
         ckpt.save(engine, step, state)
         last_ckpt_t = time.monotonic()
 

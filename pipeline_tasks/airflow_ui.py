@@ -82,7 +82,7 @@ class Stack:
             return self.start(comp, [af, "dag-processor"])
         raise ValueError(comp)
 
-    def stop_one(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    def stop_one(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
         proc = self.procs.pop(name, None)
         if proc is None:
             return
@@ -116,6 +116,22 @@ class Stack:
         raise TimeoutError(
             f"the API server did not become healthy in {timeout}s ({last}); see {self.log_dir}"
         )
+
+
+def wait_http(url: str, stack: Stack, timeout: float = 120) -> float:
+    """Wait until ``url`` answers 200 (a server of the stack); returns the seconds it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if dead := stack.dead():
+            raise RuntimeError(f"{', '.join(dead)} exited early; see {stack.log_dir}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout}s; see {stack.log_dir}")
 
 
 def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
@@ -191,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     try:
         took = stack.wait_healthy()
+        if args.mlflow_port:
+            wait_http(f"http://127.0.0.1:{args.mlflow_port}/health", stack, timeout=120)
         print(
             f"\nAirflow UI   {stack.url}   login: {ADMIN_USER} / {admin_password(cfg)}"
             f"   (healthy after {time.monotonic() - t0:.0f}s; API ready {took:.0f}s after start)\n"

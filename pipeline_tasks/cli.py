@@ -54,12 +54,36 @@ def _load(profile: str, overrides: list[str] | None):
         raise typer.Exit(2) from e
 
 
+# Errors that describe bad input or a broken data contract: shown as a short message, not a
+# traceback (the step's own report, e.g. validate's Data Docs, has the details).
+USER_ERRORS = {
+    "DataContractError",
+    "LandingError",
+    "GoldenSetError",
+    "CorpusError",
+    "WorkspaceError",
+    "WorkspaceLockTimeout",
+    "ExportParityError",
+    "FileNotFoundError",
+}
+
+
+def _run_guarded(fn):
+    try:
+        return fn()
+    except Exception as e:
+        if type(e).__name__ in USER_ERRORS:
+            typer.echo(f"error ({type(e).__name__}): {e}", err=True)
+            raise typer.Exit(1) from e
+        raise
+
+
 def _run_step(step: str, profile: str, overrides: list[str] | None, force: bool) -> None:
     from pipeline_tasks.pipeline import run_until
 
     _setup_logging()
     cfg = _load(profile, overrides)
-    results = run_until(step, cfg, force={step} if force else False)
+    results = _run_guarded(lambda: run_until(step, cfg, force={step} if force else False))
     typer.echo(json.dumps(results[step], indent=2, sort_keys=True, default=str))
 
 
@@ -107,8 +131,8 @@ def pipeline_cmd(
 
     _setup_logging()
     cfg = _load(profile, overrides)
-    results = run_until(until, cfg, force=force)
-    typer.echo(json.dumps({k: v for k, v in results.items()}, indent=2, sort_keys=True, default=str))
+    results = _run_guarded(lambda: run_until(until, cfg, force=force))
+    typer.echo(json.dumps(results, indent=2, sort_keys=True, default=str))
 
 
 @app.command("evaluate")

@@ -71,7 +71,9 @@ PORT_ENV = {
 }
 STATE_FILE = "state.json"
 WORKER_NAME_ENV = "ASRFLOW_WORKER_NAME"
-HEARTBEAT_TIMEOUT_S = 20  # [scheduler] task_instance_heartbeat_timeout: a killed worker's task is failed after this
+HEARTBEAT_TIMEOUT_S = (
+    20  # [scheduler] task_instance_heartbeat_timeout: a killed worker's task is failed after this
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,6 +214,7 @@ class Proc:
     cmd: list[str]
     log: str
     stop_signal: int = int(signal.SIGTERM)
+    stop_timeout: float = 20.0  # grace after the stop signal before SIGKILL
 
 
 @dataclass
@@ -317,6 +320,7 @@ class Stack:
         env: dict[str, str] | None = None,
         user: str | None = None,
         stop_signal: int = signal.SIGTERM,
+        stop_timeout: float = 20.0,
         cwd: Path | None = None,
     ) -> Proc:
         """Start ``cmd`` in its own process group, log to ``logs/<name>.log``, record it at once."""
@@ -346,6 +350,7 @@ class Stack:
             cmd=cmd,
             log=str(log_path),
             stop_signal=int(stop_signal),
+            stop_timeout=float(stop_timeout),
         )
         self._popens[name] = popen
         self.procs = [p for p in self.procs if p.name != name] + [proc]
@@ -403,11 +408,21 @@ class Stack:
                     os.killpg(p.pgid, signal.SIGTERM)
                 else:  # postgres: the postmaster alone gets the signal and stops its backends itself
                     os.kill(p.pid, p.stop_signal)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(ours[p.name] and _alive(p.pid, p.start_time) for p in procs):
+        t0 = time.monotonic()
+        deadline = {p.name: t0 + min(timeout, p.stop_timeout) for p in procs}
+        while any(
+            ours[p.name] and _alive(p.pid, p.start_time) and time.monotonic() < deadline[p.name]
+            for p in procs
+        ):
             for p in procs:
                 self._reap(p.name)
             time.sleep(0.2)
+        late = [p.name for p in procs if ours[p.name] and _alive(p.pid, p.start_time)]
+        if late:
+            print(
+                f"distributed_stack: {', '.join(late)} still running after the grace period: SIGKILL",
+                file=sys.stderr,
+            )
         for p in procs:
             # The group may outlive its leader (task runners, pool processes). Only signal it when
             # the leader was ours: a group id whose leader is gone and was never seen alive here
@@ -522,7 +537,12 @@ class Stack:
         import psycopg2
 
         return psycopg2.connect(
-            host="127.0.0.1", port=self.ports["pg"], user=DB_USER, password=DB_PASSWORD, dbname=db, connect_timeout=3
+            host="127.0.0.1",
+            port=self.ports["pg"],
+            user=DB_USER,
+            password=DB_PASSWORD,
+            dbname=db,
+            connect_timeout=3,
         )
 
     def _pg_ready(self) -> bool:
@@ -595,7 +615,9 @@ class Stack:
             "--serve-artifacts",
         ]
         env = dict(os.environ, MLFLOW_ENABLE_ASYNC_LOGGING="false", DO_NOT_TRACK="1")
-        self.spawn("mlflow", cmd, env=env)
+        # stateless (Postgres + files written synchronously); its server waits for clients' keep-alive
+        # connections on SIGTERM, so it gets a short grace
+        self.spawn("mlflow", cmd, env=env, stop_timeout=5)
 
     def wait_mlflow(self, timeout: float = 180) -> None:
         self._wait(lambda: _http_ok(f"{self.mlflow_url}/health"), "mlflow", timeout=timeout)
@@ -653,7 +675,9 @@ class Stack:
             start_new_session=True,
         )
         if res.returncode != 0:
-            raise RuntimeError(f"airflow {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            raise RuntimeError(
+                f"airflow {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+            )
         return res.stdout
 
     def migrate_airflow(self) -> None:
@@ -670,7 +694,9 @@ class Stack:
     def start_airflow(self, default_workers: int = 1) -> None:
         af = _bin("airflow")
         env = self.airflow_env
-        self.spawn("api-server", [af, "api-server", "--host", "127.0.0.1", "--port", str(self.ports["api"])], env=env)
+        self.spawn(
+            "api-server", [af, "api-server", "--host", "127.0.0.1", "--port", str(self.ports["api"])], env=env
+        )
         self.spawn("scheduler", [af, "scheduler", "--skip-serve-logs"], env=env)
         self.spawn("dag-processor", [af, "dag-processor"], env=env)
         for i in range(1, default_workers + 1):
@@ -740,6 +766,18 @@ class Stack:
             r = self.api("PATCH", f"/pools/{cfg.airflow.gpu_pool}", tok, json=body)
         if r.status_code >= 300:
             raise RuntimeError(f"creating pool {cfg.airflow.gpu_pool}: {r.status_code} {r.text}")
+
+    def wait_dag(self, dag_id: str, timeout: float = 180) -> dict[str, Any]:
+        """Wait until the dag-processor has serialized ``dag_id``; raise with the import errors if it never does."""
+        tok = self.token()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            r = self.api("GET", f"/dags/{dag_id}", tok)
+            if r.status_code == 200:
+                return r.json()
+            time.sleep(1)
+        errors = self.api("GET", "/importErrors", tok).json().get("import_errors", [])
+        raise TimeoutError(f"DAG {dag_id} not parsed after {timeout:.0f}s; import errors: {errors}")
 
     def wait_api(self, timeout: float = 240) -> None:
         self._wait(lambda: _http_ok(f"{self.api_url}/api/v2/monitor/health"), "api-server", timeout=timeout)
@@ -821,7 +859,9 @@ def start(
     d = Path(dir).resolve() if dir else default_dir()
     prev = Stack.load(d)
     if prev is not None and any(_alive(p.pid, p.start_time) for p in prev.procs):
-        raise RuntimeError(f"a stack is already running from {d} (stop it: python -m {__spec__.name} down --dir {d})")
+        raise RuntimeError(
+            f"a stack is already running from {d} (stop it: python -m {__spec__.name} down --dir {d})"
+        )
     st = Stack(dir=d, ports={**default_ports(), **(ports or {})}, schedule=schedule)
     if len(set(st.ports.values())) != len(st.ports):
         raise ValueError(f"the stack's ports must differ: {st.ports}")
@@ -834,7 +874,9 @@ def start(
     t0 = time.monotonic()
     try:
         st.start_postgres()
-        log(f"  postgres   127.0.0.1:{st.ports['pg']}  databases {', '.join(DATABASES)}  ({time.monotonic() - t0:.0f}s)")
+        log(
+            f"  postgres   127.0.0.1:{st.ports['pg']}  databases {', '.join(DATABASES)}  ({time.monotonic() - t0:.0f}s)"
+        )
         st.start_redis()
         log(f"  redis      127.0.0.1:{st.ports['redis']}  ({time.monotonic() - t0:.0f}s)")
         st.start_mlflow()  # starts its migrations while Airflow migrates
@@ -898,21 +940,31 @@ def _print_login(st: Stack) -> None:
         f"logs            {st.log_dir}\n"
         "Trigger asr_retraining with profile=distributed (UI: Trigger ▶), or:\n"
         f"  curl -X POST {st.api_url}/api/v2/dags/asr_retraining/dagRuns -H 'Authorization: Bearer <token>' "
-        "-H 'Content-Type: application/json' -d '{\"logical_date\": null, \"conf\": {\"profile\": \"distributed\"}}'\n"
+        '-H \'Content-Type: application/json\' -d \'{"logical_date": null, "conf": {"profile": "distributed"}}\'\n'
         f"  (token: curl -X POST {st.api_url}/auth/token -H 'Content-Type: application/json' "
-        f"-d '{{\"username\": \"admin\", \"password\": \"...\"}}')\n"
-        + ("" if st.schedule else "the weekly schedule is off ([scheduler] use_job_schedule; up --schedule turns it on)\n")
+        f'-d \'{{"username": "admin", "password": "..."}}\')\n'
+        + (
+            ""
+            if st.schedule
+            else "the weekly schedule is off ([scheduler] use_job_schedule; up --schedule turns it on)\n"
+        )
         + f"stop:           make distributed-stop   (python -m pipeline_tasks.distributed_stack down --dir {st.dir})",
         flush=True,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline_tasks.distributed_stack", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline_tasks.distributed_stack", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("action", choices=["up", "down", "status"])
-    ap.add_argument("--dir", default=None, help="state folder (default $ASRFLOW_DIST_DIR or <repo>/.local/distributed)")
+    ap.add_argument(
+        "--dir", default=None, help="state folder (default $ASRFLOW_DIST_DIR or <repo>/.local/distributed)"
+    )
     for k in DEFAULT_PORTS:
-        ap.add_argument(f"--{k}-port", type=int, default=None, help=f"default ${PORT_ENV[k]} or {DEFAULT_PORTS[k]}")
+        ap.add_argument(
+            f"--{k}-port", type=int, default=None, help=f"default ${PORT_ENV[k]} or {DEFAULT_PORTS[k]}"
+        )
     ap.add_argument("--default-workers", type=int, default=1, help="Celery workers on the default queue")
     ap.add_argument("--schedule", action="store_true", help="let the scheduler create the weekly runs too")
     args = ap.parse_args(argv)
@@ -927,7 +979,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting the distributed stack in {args.dir or default_dir()} ...", flush=True)
     t0 = time.monotonic()
     st = start(
-        args.dir, ports, default_workers=args.default_workers, schedule=args.schedule, log=lambda m: print(m, flush=True)
+        args.dir,
+        ports,
+        default_workers=args.default_workers,
+        schedule=args.schedule,
+        log=lambda m: print(m, flush=True),
     )
     print(f"up in {time.monotonic() - t0:.0f}s", flush=True)
     _print_login(st)

@@ -115,7 +115,7 @@ def decide(
         return {"passed": ok, "reason": reason, "regressed_slices": [], "checks": {"ceiling": ok}}
     regressed = []
     for s in slices:
-        if s["ref_words"] < min_slice_words or s.get("wer_champion") is None:
+        if s["ref_words"] < min_slice_words or s.get("wer_champion") is None or s.get("wer_candidate") is None:
             continue
         d = s["wer_candidate"] - s["wer_champion"]
         if d > max_slice_regression:

@@ -2,7 +2,7 @@
 
 What: for each row of validate's manifest (``UTTERANCE_SCHEMA``), decode its FLAC from the data
 workspace, compute ``model_code.features.logmel`` and store the result in sharded Parquet
-(``model_code.dataset.FEATURE_SHARD_SCHEMA``) under
+(``model_code.feature_store.FEATURE_SHARD_SCHEMA``, uncompressed: see ``bench/README.md``) under
 
     <root>/feature_cache/<feature_hash>/shard-<content hash>.parquet
 
@@ -21,7 +21,10 @@ Why this layout:
   runs (featurize and golden in parallel) that race on the same shard write identical bytes.
 * Shards are independent, so Airflow maps over them: :func:`plan` (which audio hashes go to which
   new shard), :func:`run_shard` (one shard, idempotent), :func:`finalize` (the index, under the
-  step contract). :func:`run` is the single-process path: plan + a process pool + finalize.
+  step contract). :func:`run` is the single-process path: plan + a process pool (``features.jobs``;
+  in-process below ``features.parallel_min_audio_s`` of new audio, where starting workers costs more
+  than it saves) + finalize. Each worker pins BLAS to one thread (measured: OpenBLAS's own threads
+  tripled the CPU cost on a busy machine).
 
 Which utterances are cached is read from the shards themselves (their ``audio_hash`` column; a
 column projection reads a few KB per shard), so there is no separate catalog to keep consistent.

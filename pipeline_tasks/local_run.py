@@ -302,9 +302,15 @@ def summary(
     recomputed, cached = step_freshness(env, run_id, run_started)
     say(f"steps recomputed in this run: {', '.join(recomputed) or 'none'}")
     say(f"steps served from cache:      {', '.join(cached) or 'none'}")
+    why_skipped = {
+        "featurize_shard": "no new utterances to featurize",
+        "tune_worker": "tuning disabled (tune.enabled=false)",
+        "promote": skip_reason or gate.get("reason", ""),
+    }
     for ti in tis:
-        if ti["state"] not in ("success",):
-            say(f"  {_label(ti['task_id'], ti['map_index'])}: {ti['state']}")
+        if ti["state"] != "success":
+            why = why_skipped.get(ti["task_id"], "") if ti["state"] == "skipped" else ""
+            say(f"  {_label(ti['task_id'], ti['map_index'])}: {ti['state']}" + (f" ({why})" if why else ""))
     if ev:
         say("gate (golden set):")
         say(f"  candidate WER {_fmt(ev.get('candidate_wer'))}  CER {_fmt(ev.get('candidate_cer'))}")

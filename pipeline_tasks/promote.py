@@ -181,7 +181,7 @@ def run(cfg: AsrflowConfig, inputs: dict[str, dict], force: bool = False) -> dic
 
         name = cfg.registry.model_name
         client = registry_client(cfg)
-        base = {"model_name": name, "candidate_key": export["key"]}
+        base = {"model_name": name, "candidate_key": export["key"], "airflow_run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")}
         if not evaluate["passed"]:
             existing = find_candidate(client, name, export["key"])
             out = {

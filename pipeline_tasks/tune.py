@@ -649,7 +649,19 @@ def _trial_cfg(cfg: AsrflowConfig, overrides: dict[str, Any], epochs: int) -> As
 
 
 def prepare(cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Create (or load) the study and its MLflow parent run. Idempotent."""
+    """Create (or load) the study and its MLflow parent run. Idempotent.
+
+    With ``tune.enabled: false`` it touches no storage and says so (``enabled: False``).
+    """
+    if not cfg.tune.enabled:
+        return {
+            "study_name": None,
+            "storage": redact(cfg.tune.storage),
+            "n_trials": 0,
+            "n_finished": 0,
+            "mlflow_parent_run_id": None,
+            "enabled": False,
+        }
     validate_space(cfg)
     name = study_name(cfg, inputs)
     study = open_study(cfg, name, heartbeat=False)
@@ -666,6 +678,7 @@ def prepare(cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, 
         "n_trials": cfg.tune.n_trials,
         "n_finished": counts["finished"],
         "mlflow_parent_run_id": parent,
+        "enabled": True,
     }
 
 

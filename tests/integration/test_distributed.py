@@ -52,14 +52,21 @@ def stack():
     d.chmod(0o755)  # mkdtemp makes it 0700
     ports = ds.free_ports(list(ds.DEFAULT_PORTS))
 
+    started: list[ds.Stack] = []
+
     def teardown() -> None:
+        t = time.monotonic()
+        for st in started:
+            st.stop()  # the live object also reaps its children
         ds.stop(d)  # from the state file: exactly what start() launched, also if start() failed half-way
         shutil.rmtree(d, ignore_errors=True)
+        print(f"stack down in {time.monotonic() - t:.0f}s", flush=True)
 
     atexit.register(teardown)  # a crash of the test process between here and the finally
     t0 = time.monotonic()
     try:
         st = ds.start(d, ports, default_workers=2, log=lambda m: print(m, flush=True))
+        started.append(st)
         st.startup_s = time.monotonic() - t0
         print(f"stack up in {st.startup_s:.0f}s: {st.api_url} {st.mlflow_url}", flush=True)
         yield st
@@ -100,6 +107,7 @@ def dag_run(stack, tiny_landing, tiny_golden):
         "landing_url": str(tiny_landing),
         "overrides": [f"paths.golden_dir={tiny_golden}", f"tune.n_workers={N_TUNE_WORKERS}"],
     }
+    st.wait_dag(DAG_ID)
     r = st.api("PATCH", f"/dags/{DAG_ID}", tok, json={"is_paused": False})
     assert r.status_code == 200, r.text
     r = st.api("POST", f"/dags/{DAG_ID}/dagRuns", tok, json={"logical_date": None, "conf": conf})
@@ -128,7 +136,9 @@ def dag_run(stack, tiny_landing, tiny_golden):
                     "task_pid": target.get("pid"),
                     "at_s": time.monotonic() - t0,
                 }
-                print(f"killed worker {worker} (pgid {proc.pgid}) while it ran {FAULT_TASK}: {kill}", flush=True)
+                print(
+                    f"killed worker {worker} (pgid {proc.pgid}) while it ran {FAULT_TASK}: {kill}", flush=True
+                )
         dr = st.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}", tok).json()
         state = dr["state"]
         if state in ("success", "failed"):
@@ -138,10 +148,19 @@ def dag_run(stack, tiny_landing, tiny_golden):
     tis = _tis(st, st.token(), run_id)
     print(f"run {run_id}: {state} in {wall:.0f}s", flush=True)
     for t in sorted(tis, key=lambda t: t.get("start_date") or ""):
-        print(f"  {t['task_id']}[{t['map_index']}] {t['state']} on {t.get('hostname')} queue={t.get('queue')} "
-              f"try={t.get('try_number')} {t.get('duration')}", flush=True)
-    return {"run_id": run_id, "state": state, "tis": tis, "kill": kill, "wall_s": wall, "failure": (
-        "" if state == "success" else _failure_report(st, tis, run_id))}
+        print(
+            f"  {t['task_id']}[{t['map_index']}] {t['state']} on {t.get('hostname')} queue={t.get('queue')} "
+            f"try={t.get('try_number')} {t.get('duration')}",
+            flush=True,
+        )
+    return {
+        "run_id": run_id,
+        "state": state,
+        "tis": tis,
+        "kill": kill,
+        "wall_s": wall,
+        "failure": ("" if state == "success" else _failure_report(st, tis, run_id)),
+    }
 
 
 def _by_task(tis: list[dict[str, Any]], task_id: str) -> list[dict[str, Any]]:
@@ -183,8 +202,15 @@ def test_stack_is_up_on_loopback_with_routed_workers(stack):
     for port in st.ports.values():
         assert ds.port_open(port, "127.0.0.1")
     state = json.loads(st.state_path.read_text())
-    assert {p["name"] for p in state["procs"]} >= {"postgres", "redis", "mlflow", "api-server", "scheduler",
-                                                   "dag-processor", "worker-gpu-1"}
+    assert {p["name"] for p in state["procs"]} >= {
+        "postgres",
+        "redis",
+        "mlflow",
+        "api-server",
+        "scheduler",
+        "dag-processor",
+        "worker-gpu-1",
+    }
     # the profile the tasks load points at this stack's servers
     cfg = st.config()
     assert cfg.tune.storage == st.db_url("optuna")
@@ -227,7 +253,8 @@ def test_tune_workers_share_one_study_on_postgres(dag_run, stack):
     assert len(summaries) == 1, [s.study_name for s in summaries]  # one study, even with a killed worker
     study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
     finished = [
-        t for t in study.trials
+        t
+        for t in study.trials
         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         and not t.user_attrs.get("surplus")
     ]
@@ -239,7 +266,10 @@ def test_tune_workers_share_one_study_on_postgres(dag_run, stack):
     # both mapped tune_worker tasks contributed finished trials to the shared study
     assert set(by_worker) == set(range(N_TUNE_WORKERS)), by_worker
     # the study name the tune step reports is the one on Postgres
-    r = stack.api("GET", f"/dags/{DAG_ID}/dagRuns/{dag_run['run_id']}/taskInstances/tune_finalize/xcomEntries/return_value")
+    r = stack.api(
+        "GET",
+        f"/dags/{DAG_ID}/dagRuns/{dag_run['run_id']}/taskInstances/tune_finalize/xcomEntries/return_value",
+    )
     assert r.status_code == 200, r.text
     value = r.json()["value"]
     value = json.loads(value) if isinstance(value, str) else value

@@ -38,7 +38,8 @@ def test_sigkill_and_restart_follows_the_same_loss_curve(tmp_path):
     # reference: uninterrupted, no checkpoints (deterministic mode, 1 thread)
     ref = train(tiny_args(tmp_path / "ref"))
     ref_losses = [row[1] for row in ref["step_log"]]
-    assert len(ref_losses) == 20 and ref_losses[-1] < ref_losses[0]
+    total = ref["steps"]  # 2 epochs of the sampler's batches (~9-10 per epoch)
+    assert total >= 16 and len(ref_losses) == total and ref_losses[-1] < ref_losses[0]
 
     args = tiny_args(tmp_path / "crash", checkpoint_dir=str(tmp_path / "crash" / "ckpt"))
     ckdir = tmp_path / "crash" / "ckpt"
@@ -56,7 +57,7 @@ def test_sigkill_and_restart_follows_the_same_loss_curve(tmp_path):
     res = _run_child(args, None)
     assert res["resumed_from"] == 12
     losses = [row[1] for row in res["step_log"]]
-    assert [row[0] for row in res["step_log"]] == list(range(1, 21))
+    assert [row[0] for row in res["step_log"]] == list(range(1, total + 1))
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-6)
     assert res["params_sha256"] == ref["params_sha256"]  # bitwise-identical final weights
     # every attempt logged its steps; the third one only the steps after its checkpoint
@@ -64,7 +65,8 @@ def test_sigkill_and_restart_follows_the_same_loss_curve(tmp_path):
     starts = [e for e in steps if e["type"] == "start"]
     assert [s["resumed_from"] for s in starts] == [None, 4, 12]
     # keep_checkpoints=2: only the two newest complete checkpoints remain
-    assert CheckpointManager(ckdir).tags() == [tag_for_step(16), tag_for_step(20)]
+    saved = sorted({s for s in range(4, total + 1, 4)} | {h["step"] for h in ref["history"]})
+    assert CheckpointManager(ckdir).tags() == [tag_for_step(s) for s in saved[-2:]]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])

@@ -48,14 +48,36 @@ def test_lr_schedules_warm_up_then_decay():
     assert noam(15) == pytest.approx(1.0) and noam(63) == pytest.approx(math.sqrt(16 / 64))
     with pytest.raises(ValueError):
         lr_lambda_factory("step", 1, 1, 0.0)
+    # under a wall-clock cap the decay follows time when time runs out before the steps do
+    frac = {"t": 0.0}
+    capped = lr_lambda_factory("cosine", 10, 1000, 0.1, time_progress=lambda: frac["t"])
+    early = capped(20)
+    assert capped.warm_end == 0.0  # warmup ended at t=0 of the cap
+    frac["t"] = 0.5
+    assert capped(20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert capped(20) < early
+    frac["t"] = 1.0
+    assert capped(20) == pytest.approx(0.1)
+    # warmup that ends late in the cap: the decay starts from 1 there (no jump), ends at the cap
+    frac["t"] = 0.6
+    late = lr_lambda_factory("cosine", 10, 1000, 0.1, time_progress=lambda: frac["t"])
+    assert late(9) == pytest.approx(1.0) and late(10) == pytest.approx(1.0, abs=1e-3)
+    frac["t"] = 0.8
+    assert late(11) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
 def test_tiny_run_learns_logs_and_packages_a_loadable_model(tmp_path):
     seen_steps, seen_epochs = [], []
     a = tiny_args(tmp_path, epochs=3, num_workers=1, grad_accum=2, lm_texts=True)
     res = train(a, on_step=seen_steps.append, on_epoch_end=lambda e, r: seen_epochs.append((e, r)))
-    # grad_accum=2: 10 batches per epoch → 5 optimizer steps
-    assert res["steps"] == 15 and [r["step"] for r in seen_steps] == list(range(1, 16))
+    # grad_accum=2: an optimizer step per 2 of the sampler's batches (whole steps per epoch)
+    from model_code.dataset import FeatureTable
+    from model_code.sampler import DynamicBucketingSampler
+
+    n_batches = len(DynamicBucketingSampler(FeatureTable(a.train_index).durations(), 2.5, 3, seed=a.seed))
+    per_epoch = n_batches // 2
+    assert per_epoch >= 3 and res["steps"] == 3 * per_epoch
+    assert [r["step"] for r in seen_steps] == list(range(1, res["steps"] + 1))
     losses = [r["loss"] for r in seen_steps]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])  # it learns
     assert [e for e, _ in seen_epochs] == [0, 1, 2]
@@ -73,7 +95,7 @@ def test_tiny_run_learns_logs_and_packages_a_loadable_model(tmp_path):
     model, tok, info = load_model_dir(out / res["model_dir"])
     assert params_digest(model) == res["params_sha256"]
     assert info["lm"] is not None and "\\data\\" in (out / "model" / "lm.arpa").read_text()
-    assert info["meta"]["steps"] == 15
+    assert info["meta"]["steps"] == res["steps"]
     lines = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
     assert [x["type"] for x in lines].count("epoch") == 3
     assert json.loads((out / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2

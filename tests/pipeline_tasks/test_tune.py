@@ -308,6 +308,8 @@ def test_study_name_tracks_space_and_proxy_md5(tmp_path):
 
 def test_disabled_returns_empty_overrides(tmp_path):
     cfg = make_cfg(tmp_path, ["tune.enabled=false"])
+    assert tune.prepare(cfg, fake_split(tmp_path))["enabled"] is False
+    assert not (tmp_path / "optuna.db").exists()  # no study was opened
     res = tune.run(cfg, fake_split(tmp_path))
     assert res["best_overrides"] == {}
     assert (Path(res["output_dir"]) / "_SUCCESS.json").exists()
