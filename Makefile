@@ -61,7 +61,7 @@ clean-artifacts:
 	rm -rf artifacts/
 
 # Distributed mode on loopback: Postgres + Redis + MLflow server + Airflow (CeleryExecutor, workers on
-# queues default and gpu), state in $(ASRFLOW_DIST_DIR) (default .local/distributed/). See docs/distributed.md.
+# queues default and gpu), state in $(ASRFLOW_DIST_DIR) (default .local/distributed/). See README.md, "Production path".
 distributed-local: setup
 	$(BIN)/python -m pipeline_tasks.distributed_stack up
 

@@ -34,7 +34,7 @@ class PathsConfig(_Section):
 
     root: str = "artifacts/local"  # artifact root: every step writes under <root>/<step>/<key>/
     landing_url: str = "landing"  # landing zone: a folder or an fsspec URL (file://, s3://, gs://, memory://)
-    golden_dir: str = "golden"  # the fixed golden set (manifest.jsonl + audio)
+    golden_dir: str = "golden_set"  # the fixed golden set (manifest.jsonl + audio)
     data_workspace: str = "data_repo"  # the git + DVC repo that versions ingested snapshots
     dvc_remote: str = "dvc_remote"  # DVC remote: a folder locally, s3://bucket/prefix in production
     quarantine_dir: str = "quarantine"

@@ -91,3 +91,28 @@ def test_multinode_launcher_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     out = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown mode" in out.stderr
+    # every module the script launches exists in this repo
+    import re
+
+    mods = set(re.findall(r"(?:--module|-m) ([a-z_][\w.]*)", script.read_text())) - {"torch.distributed.run"}
+    assert mods == {"model_code.ds_launch"}
+    for m in mods:
+        assert (INFRA.parent / (m.replace(".", "/") + ".py")).exists(), m
+
+
+def test_celery_workers_use_the_solo_pool(compose):
+    # prefork children are daemonic: the steps' process pools would fail inside them
+    workers = {n: s for n, s in compose["services"].items() if "celery worker" in str(s.get("command", ""))}
+    assert set(workers) >= {"airflow-worker", "airflow-worker-gpu"}
+    for name, svc in workers.items():
+        assert svc["environment"]["AIRFLOW__CELERY__POOL"] == "solo", name
+        assert "--concurrency" not in str(svc["command"]), name
+    values = yaml.safe_load((INFRA / "k8s" / "airflow-values.yaml").read_text())
+    assert values["config"]["celery"]["pool"] == "solo"
+    gpu = yaml.safe_load((INFRA / "k8s" / "gpu-worker.yaml").read_text())
+    env = {e["name"]: e["value"] for e in gpu["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AIRFLOW__CELERY__POOL"] == "solo"
+    # the distributed stack started here does the same
+    from pipeline_tasks import distributed_stack
+
+    assert "AIRFLOW__CELERY__POOL" in Path(distributed_stack.__file__).read_text()
