@@ -212,8 +212,12 @@ class ConformerCTC(nn.Module):
         conv_kernel: int = 15,
         dropout: float = 0.1,
         subsampling_channels: int = 144,
+        pos_encoding: str = "sinusoidal",
     ) -> None:
         super().__init__()
+        if pos_encoding not in ("sinusoidal", "none"):
+            raise ValueError(f"pos_encoding must be 'sinusoidal' or 'none', got {pos_encoding!r}")
+        self.pos_encoding = pos_encoding
         self.n_mels = n_mels
         self.vocab_size = vocab_size
         self.subsample = ConvSubsampling(n_mels, subsampling_channels, d_model)
@@ -227,7 +231,11 @@ class ConformerCTC(nn.Module):
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = normalize_features(feats, lengths)  # (B, T, F)
         x, out_lengths = self.subsample(x, lengths)  # (B, T', D)
-        x = self.drop(x * self.pos_scale + sinusoidal_positions(x))
+        if self.pos_encoding == "sinusoidal":
+            x = x * self.pos_scale + sinusoidal_positions(x)
+        # "none": positions only through the convolutions (shift-equivariant: chunked long-form
+        # decoding sees speech at any offset the way training did)
+        x = self.drop(x)
         mask = valid_mask(out_lengths, x)  # (B, T')
         for block in self.blocks:
             x = block(x, mask)

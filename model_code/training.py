@@ -313,10 +313,12 @@ def ctc_loss(log_probs: torch.Tensor, out_lens: torch.Tensor, tokens: torch.Tens
 
 @torch.no_grad()
 def evaluate(model, table, tokenizer, device, max_duration_s: float, dtype=torch.float32) -> dict[str, Any]:
-    """Greedy-decode every utterance of ``table``; WER/CER over the set.
+    """Greedy-decode every utterance of ``table``; WER/CER and the CTC loss over the set.
 
     Batches of utterances sorted by duration (padded cost ≤ ``max_duration_s``); the model is
-    put in eval mode and restored afterwards. Returns ``wer, cer, n_utts, hyps`` (first 5).
+    put in eval mode and restored afterwards. Returns ``wer, cer, loss, n_utts, examples``
+    (first 5). ``loss`` (mean per-token CTC loss, as in training) still ranks models while
+    their greedy output is all blanks (WER = CER = 1), early in a run.
     """
     from model_code.dataset import collate
     from model_code.decoding import greedy_decode
@@ -328,10 +330,16 @@ def evaluate(model, table, tokenizer, device, max_duration_s: float, dtype=torch
     order = np.argsort(d, kind="stable")
     hyps: dict[int, str] = {}
     batch: list[int] = []
+    texts = table.texts()
+    loss = {"sum": 0.0, "n": 0}
 
     def flush(b: list[int]) -> None:
-        x = collate([table.features(i) for i in b], [[1] for _ in b])
-        lp, ol = model(x["feats"].to(device, dtype=dtype), x["feat_lens"].to(device))
+        x = collate([table.features(i) for i in b], [tokenizer.encode(texts[i]) or [1] for i in b])
+        with torch.no_grad():
+            lp, ol = model(x["feats"].to(device, dtype=dtype), x["feat_lens"].to(device))
+            lv = ctc_loss(lp, ol, x["tokens"].to(device), x["token_lens"].to(device))
+        loss["sum"] += float(lv) * len(b)
+        loss["n"] += len(b)
         for i, h in zip(b, greedy_decode(lp.float().cpu().numpy(), ol.cpu().numpy(), tokenizer), strict=True):
             hyps[i] = h
 
@@ -343,14 +351,15 @@ def evaluate(model, table, tokenizer, device, max_duration_s: float, dtype=torch
     if batch:
         flush(batch)
     model.train(was_training)
-    refs = table.texts()
+    refs = texts
     hyp_list = [hyps[i] for i in range(len(refs))]
     if not refs:
-        return {"wer": float("nan"), "cer": float("nan"), "n_utts": 0, "examples": []}
+        return {"wer": float("nan"), "cer": float("nan"), "loss": float("nan"), "n_utts": 0, "examples": []}
     ec = error_counts(refs, hyp_list)
     return {
         "wer": float(ec["wer"]),
         "cer": float(ec["cer"]),
+        "loss": loss["sum"] / max(loss["n"], 1),
         "n_utts": len(refs),
         "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyp_list, strict=True))[:5]],
     }
@@ -421,6 +430,41 @@ def train(
                 os.environ[k] = v
 
 
+def probe_bucket_batch_sizes(
+    args: TrainArgs, bucket_max_durations: list[float], device_type: str, rank: int, world: int
+) -> list[int]:
+    """Per-bucket max batch sizes from :mod:`model_code.memory_probe`, the same on every rank.
+
+    Rank 0 probes (a fresh model of ``args.model_kwargs`` on this rank's device, against
+    ``sampler["memory_budget_gb"]``; cached in ``sampler["memory_probe_cache"]`` per model config
+    and hardware) and broadcasts, so every rank builds identical batches.
+    """
+    from model_code.conformer import ConformerCTC
+    from model_code.memory_probe import probe_batch_sizes
+
+    sc = dict(args.sampler)
+    sizes: list[int] | None = None
+    if rank == 0:
+        device = f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+        sizes = probe_batch_sizes(
+            model_factory=lambda: ConformerCTC(**args.model_kwargs),
+            bucket_max_durations=bucket_max_durations,
+            device=device,
+            memory_budget_gb=float(sc.get("memory_budget_gb", 4.0)),
+            max_batch_size=int(sc.get("memory_probe_max_batch", 512)),
+            cache_path=sc.get("memory_probe_cache"),
+            model_config=dict(args.model_kwargs),
+        )
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+    if world > 1:
+        box = [sizes]
+        torch.distributed.broadcast_object_list(box, src=0)
+        sizes = box[0]
+    assert sizes is not None
+    return [int(x) for x in sizes]
+
+
 def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, Any]:
     import deepspeed
 
@@ -460,6 +504,10 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         num_token_buckets=int(sc.get("num_token_buckets", 1)) if sc.get("two_d_buckets") else 1,
         bucket_batch_sizes=sc.get("bucket_batch_sizes"),
     )
+    probed: list[int] | None = None
+    if sc.get("use_memory_probe") and not sc.get("bucket_batch_sizes"):
+        probed = probe_bucket_batch_sizes(args, sampler.bucket_max_durations(), device_type, rank, world)
+        sampler.set_bucket_batch_sizes(probed)
     steps_per_epoch = len(sampler) // args.grad_accum  # optimizer steps (equal on every rank)
     total_steps = max(steps_per_epoch * args.epochs, 1)
 
@@ -684,7 +732,7 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
             if dev_table is not None:
                 t_ev = time.perf_counter()
                 ev = evaluate(engine.module, dev_table, tokenizer, device, dev_budget, dtype=in_dtype)
-                ep_rec.update(dev_wer=ev["wer"], dev_cer=ev["cer"], dev_examples=ev["examples"])
+                ep_rec.update(dev_wer=ev["wer"], dev_cer=ev["cer"], dev_loss=ev["loss"], dev_examples=ev["examples"])
                 ep_rec["eval_s"] = time.perf_counter() - t_ev
             if not stop:
                 state["epoch"] = epoch + 1
@@ -714,10 +762,13 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
             "threads": n_threads,
             "precision": prec,
             "device": str(device),
+            "bucket_batch_sizes": sampler.bucket_batch_sizes,
+            "memory_probed": probed is not None,
         }
         last = state["history"][-1] if state["history"] else {}
         result["dev_wer"] = last.get("dev_wer")
         result["dev_cer"] = last.get("dev_cer")
+        result["dev_loss"] = last.get("dev_loss")
         if rank == 0 and args.save_model:
             from model_code.packaging import save_model_dir
 

@@ -125,6 +125,9 @@ class ModelConfig(_Section):
     conv_kernel: int = 15
     dropout: float = Field(0.1, ge=0, lt=1)
     subsampling_channels: int = 144
+    # absolute sinusoidal positions after subsampling, or none (positions only via convolutions)
+    # "none" (default) keeps the encoder shift-equivariant, which chunked long-form decoding relies on
+    pos_encoding: Literal["sinusoidal", "none"] = "none"
 
 
 class SpecAugmentConfig(_Section):
@@ -208,6 +211,9 @@ class TuneConfig(_Section):
     epochs: int = Field(3, ge=1)  # max fidelity per trial
     proxy_fraction: float = Field(1.0, gt=0, le=1)  # of the proxy split
     multi_objective: bool = False
+    # what trials minimize: dev WER; or dev CER / dev CTC loss where low-fidelity trials all sit
+    # at WER 1.0 (the loss ranks trials even while their greedy output is still all blanks)
+    metric: Literal["dev_wer", "dev_cer", "dev_loss"] = "dev_wer"
     heartbeat_interval_s: int = 20
     grace_period_s: int = 60
     fidelity_check_top_k: int = 0  # 0 disables the proxy-vs-higher-fidelity rank correlation

@@ -292,6 +292,7 @@ def summary(
     prom = xcom(env, run_id, "promote") or {}
     ex = xcom(env, run_id, "export") or {}
     tr = xcom(env, run_id, "train") or {}
+    tu = xcom(env, run_id, "tune_finalize") or {}
     steps_run = {ti["task_id"]: ti["state"] for ti in tis}
     say("")
     say(f"══ asr_retraining {run_id}: {state.upper()} in {wall_s:.0f}s ══")
@@ -319,9 +320,16 @@ def summary(
             f"  P(better) {_fmt(ev.get('p_better'), 3)}  95% CI of ΔWER {_fmt(ev.get('ci95'))}"
         )
         say(f"  decision: {'PASS' if ev.get('passed') else 'FAIL'} — {ev.get('reason', '')}")
+    if tu.get("enabled"):
+        say(
+            f"tune: {tu.get('n_trials_complete')} complete + {tu.get('n_trials_pruned')} pruned trial(s), "
+            f"best {tu.get('metric', 'dev_wer')} {_fmt(tu.get('best_value'))} (trial {tu.get('best_trial')})"
+            + (f"; {tu['no_signal']}" if tu.get("no_signal") else "")
+        )
     if tr:
         say(
-            f"train: dev WER {_fmt(tr.get('dev_wer'))}, {tr.get('epochs')} epoch(s), {_fmt(tr.get('wall_s'), 0)}s"
+            f"train: dev WER {_fmt(tr.get('dev_wer'))} CER {_fmt(tr.get('dev_cer'))}, {tr.get('epochs')} epoch(s),"
+            f" {tr.get('steps')} steps, {_fmt(tr.get('wall_s'), 0)}s"
         )
     if ex:
         say(f"export: {Path(ex.get('output_dir', '')) / str(ex.get('onnx', ''))}")

@@ -62,6 +62,7 @@ def model_kwargs(cfg: AsrflowConfig, vocab_size: int) -> dict[str, Any]:
         "conv_kernel": m.conv_kernel,
         "dropout": m.dropout,
         "subsampling_channels": m.subsampling_channels,
+        "pos_encoding": m.pos_encoding,
     }
 
 
@@ -120,7 +121,10 @@ def train_args(
         checkpoint_every_steps=t.checkpoint_every_steps,
         checkpoint_every_minutes=t.checkpoint_every_minutes,
         keep_checkpoints=t.keep_checkpoints,
-        sampler=t.sampler.model_dump(mode="json"),
+        sampler={
+            **t.sampler.model_dump(mode="json"),
+            "memory_probe_cache": str(cfg.root / "cache" / "memory_probe.json"),
+        },
         specaugment=t.specaugment.model_dump(mode="json"),
         lm_texts=t.build_lm,
         lm_order=cfg.decode.lm_order,
@@ -136,7 +140,7 @@ class _MlflowSink:
     """Buffers rank 0's step records and writes them with ``log_batch`` (one DB write per batch)."""
 
     STEP_KEYS = ("loss", "lr", "grad_norm", "audio_s_per_s", "data_wait_share", "batch_load_s", "padding_share")
-    EPOCH_KEYS = ("loss", "dev_wer", "dev_cer", "audio_s_per_s", "data_wait_share", "padding_share",
+    EPOCH_KEYS = ("loss", "dev_wer", "dev_cer", "dev_loss", "audio_s_per_s", "data_wait_share", "padding_share",
                   "batch_load_p95_s")
 
     def __init__(self, run_id: str | None):
@@ -235,7 +239,7 @@ def fit(
     run is closed (status KILLED). MLflow: if a run is active, logs into it (a nested child with
     ``mlflow_nested``); otherwise opens a run in the profile's experiment.
 
-    Returns ``model_dir`` (absolute), ``dev_wer``, ``dev_cer``, ``epochs``, ``steps``,
+    Returns ``model_dir`` (absolute), ``dev_wer``, ``dev_cer``, ``dev_loss``, ``epochs``, ``steps``,
     ``history`` (per-epoch dicts), ``wall_s``, ``train_s``, ``audio_s_per_s``, ``mlflow_run_id``,
     ``stopped_early``, ``resumed_from``, ``params``, ``world_size``, ``train_md5``.
     """
@@ -332,6 +336,7 @@ def fit(
         "model_dir": str(out_dir / "model"),
         "dev_wer": res.get("dev_wer"),
         "dev_cer": res.get("dev_cer"),
+        "dev_loss": res.get("dev_loss"),
         "epochs": int(res["epochs"]),
         "steps": int(res["steps"]),
         "history": history,

@@ -602,6 +602,13 @@ def measure_latency_ms_per_s(model_dir: Path, dev_index: Path, max_utts: int) ->
     return 1000.0 * total_s / max(audio_s, 1e-9)
 
 
+def _objective_value(metrics: dict[str, Any], metric: str) -> float:
+    """The value a trial reports to Optuna: ``metrics[tune.metric]`` (dev_wer, dev_cer or dev_loss)."""
+    if metrics.get(metric) is None:
+        raise KeyError(f"tune.metric={metric!r} but the trial reported only {sorted(metrics)}")
+    return float(metrics[metric])
+
+
 def fit_trial(trial_cfg: AsrflowConfig, ctx: TrialContext, on_epoch_end) -> dict[str, Any]:
     """The production trial: :func:`pipeline_tasks.train.fit` on the proxy split."""
     from pipeline_tasks.train import fit
@@ -617,7 +624,7 @@ def fit_trial(trial_cfg: AsrflowConfig, ctx: TrialContext, on_epoch_end) -> dict
         max_minutes=trial_cfg.tune.trial_max_minutes,
         mlflow_tags={"asrflow.tune_trial": str(ctx.trial_number)},
     )
-    out = {"dev_wer": float(res["dev_wer"]), "dev_cer": res.get("dev_cer")}
+    out = {"dev_wer": float(res["dev_wer"]), "dev_cer": res.get("dev_cer"), "dev_loss": res.get("dev_loss")}
     if ctx.multi_objective:
         model_dir = res.get("model_dir")
         model_dir = Path(model_dir) if model_dir else ctx.out_dir / "model"
@@ -766,8 +773,8 @@ def run_worker(
         wers: list[float] = []
         # The trial's nested MLflow run is the *active* run while fit trains, so fit logs its
         # params, per-epoch dev metrics and curve into it (fit's mlflow_nested=False: no extra
-        # level). The tune step adds "trial/dev_wer" (the value reported to Optuna per epoch),
-        # "pruned" and "final_dev_wer", and closes the run: FINISHED, KILLED (pruned) or FAILED.
+        # level). The tune step adds "trial/<tune.metric>" (the value reported to Optuna per
+        # epoch), "pruned" and "final_<tune.metric>", and closes the run: FINISHED, KILLED (pruned) or FAILED.
         trial_run = None
         if tracking:
             trial_run = _mlflow_call(
@@ -788,11 +795,11 @@ def run_worker(
 
         def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> None:
             step = len(wers) + 1
-            wer = float(metrics["dev_wer"])
+            wer = _objective_value(metrics, t.metric)
             wers.append(wer)
             trial.set_user_attr("epochs_done", step)
             if logging_on:
-                _mlflow_call("log epoch", lambda: mlflow.log_metric("trial/dev_wer", wer, step=step))
+                _mlflow_call("log epoch", lambda: mlflow.log_metric(f"trial/{t.metric}", wer, step=step))
             if t.multi_objective:
                 trial.set_user_attr("wer_per_epoch", wers)
                 return
@@ -810,7 +817,7 @@ def run_worker(
                     ),
                 )
             res = fn(trial_cfg, ctx, on_epoch_end)
-            wer = float(res["dev_wer"])
+            wer = _objective_value(res, t.metric)
             trial.set_user_attr("epochs_done", len(wers) or t.epochs)
             if t.multi_objective:
                 lat = float(res["latency_ms_per_s"])
@@ -819,7 +826,7 @@ def run_worker(
             else:
                 value = wer
             if logging_on:
-                m = {"final_dev_wer": wer, "pruned": 0.0}
+                m = {f"final_{t.metric}": wer, "pruned": 0.0}
                 if t.multi_objective:
                     m["latency_ms_per_s"] = lat
                 _mlflow_call("log final", lambda: mlflow.log_metrics(m))
@@ -829,7 +836,7 @@ def run_worker(
             status = "KILLED"
             if logging_on:
                 last = wers[-1] if wers else float("nan")
-                _mlflow_call("log pruned", lambda: mlflow.log_metrics({"final_dev_wer": last, "pruned": 1.0}))
+                _mlflow_call("log pruned", lambda: mlflow.log_metrics({f"final_{t.metric}": last, "pruned": 1.0}))
             raise
         finally:
             if logging_on:
@@ -1048,6 +1055,19 @@ def _finalize_work(
     else:
         best = study.best_trial
     overrides = best.user_attrs.get("overrides", dict(best.params))
+    no_signal = None
+    values = [x.values[0] for x in complete]
+    distinct = {json.dumps(x.user_attrs.get("overrides", x.params), sort_keys=True, default=str) for x in complete}
+    if not cfg.tune.multi_objective and len(distinct) > 1 and max(values) - min(values) < 1e-9:
+        # every trial scored the same (e.g. all at WER 1.0): the "best" is an arbitrary draw, so
+        # train with the profile's own config instead
+        no_signal = (
+            f"all {len(values)} complete trials scored {values[0]:.4f} ({cfg.tune.metric}): no signal "
+            "at this fidelity; training uses the profile's config (raise tune.epochs / proxy_fraction, "
+            "or set tune.metric=dev_loss)"
+        )
+        log.warning("tune: %s", no_signal)
+        overrides = {}
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     workers = sorted({int(x.user_attrs["worker"]) for x in finished if "worker" in x.user_attrs})
     best_cfg = {
@@ -1060,6 +1080,8 @@ def _finalize_work(
         "derived": best.user_attrs.get("derived", {}),
         "proxy_md5": inputs["split"]["proxy_md5"],
         "fidelity": {"epochs": cfg.tune.epochs, "proxy_fraction": cfg.tune.proxy_fraction},
+        "metric": cfg.tune.metric,
+        "no_signal": no_signal,
     }
     write_json_atomic(tmp / "best_config.json", best_cfg)
     importances = _importances(study, cfg)
@@ -1088,6 +1110,8 @@ def _finalize_work(
     trial_epochs = sum(int(x.user_attrs.get("epochs_done", len(x.intermediate_values))) for x in finished)
     result = {
         "best_overrides": overrides,
+        "no_signal": no_signal,
+        "metric": cfg.tune.metric,
         "best_value": best.values[0],
         "best_values": list(best.values),
         "best_trial": best.number,
@@ -1118,7 +1142,7 @@ def _finalize_work(
             mlflow_setup(cfg)
             client = mlflow.MlflowClient()
             metrics = {
-                "best_dev_wer": best.values[0],
+                f"best_{cfg.tune.metric}": best.values[0],
                 "n_trials_complete": counts["complete"],
                 "n_trials_pruned": counts["pruned"],
                 "trial_epochs": trial_epochs,

@@ -112,3 +112,31 @@ def test_time_cap_stops_cleanly_after_a_step_then_evaluates_and_saves(tmp_path):
     # the same command again: the capped run is finished, nothing more is trained
     again = train(a)
     assert again["steps"] == 1 and again["resumed_from"] == 1
+
+
+def test_memory_probe_caps_batches_and_is_cached(tmp_path):
+    """``use_memory_probe``: per-bucket caps from the probe bound every batch; the cache is reused."""
+    from model_code.dataset import FeatureTable
+    from model_code.sampler import DynamicBucketingSampler
+
+    cache = tmp_path / "probe.json"
+    sampler_cfg = {"max_duration_s": 2.5, "num_buckets": 3, "use_memory_probe": True,
+                   "memory_budget_gb": 0.004, "memory_probe_cache": str(cache), "memory_probe_max_batch": 64}
+    a = tiny_args(tmp_path / "a", epochs=1, sampler=sampler_cfg, record_batches=True, save_model=False)
+    res = train(a)
+    caps = res["bucket_batch_sizes"]
+    assert res["memory_probed"] and cache.exists() and len(json.loads(cache.read_text())) == 1
+    ref = DynamicBucketingSampler(FeatureTable(a.train_index).durations(), 2.5, 3, seed=a.seed)
+    assert len(caps) == ref.num_duration_buckets and min(caps) >= 1
+    # the 4 MB budget binds: the duration budget alone makes batches larger than the cap
+    assert max(len(b) for b in ref) > min(caps)
+    durations = FeatureTable(a.train_index).durations()
+    bucket_of = np.searchsorted(ref.boundaries, durations, side="right")
+    rows = [json.loads(x) for x in (tmp_path / "a" / "out" / "batches_rank0.jsonl").read_text().splitlines()]
+    assert rows
+    for row in rows:
+        assert len(row["idx"]) <= min(caps[bucket_of[i]] for i in row["idx"])
+    # a second run on the same model and hardware reads the cache: identical caps
+    b = tiny_args(tmp_path / "b", epochs=1, sampler=sampler_cfg, save_model=False)
+    b.train_index, b.dev_index = a.train_index, a.dev_index
+    assert train(b)["bucket_batch_sizes"] == caps and len(json.loads(cache.read_text())) == 1

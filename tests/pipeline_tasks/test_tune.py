@@ -34,8 +34,16 @@ def quick_trial(trial_cfg, ctx, on_epoch_end):
     for epoch in range(1, ctx.epochs + 1):
         wer = floor + (1.0 - floor) * math.exp(-epoch / 1.5)
         time.sleep(float(os.environ.get("TUNE_TEST_SLEEP", "0.02")))
-        on_epoch_end(epoch, {"dev_wer": wer, "dev_cer": wer / 2, "loss": wer})
-    return {"dev_wer": wer, "latency_ms_per_s": 10.0 * trial_cfg.model.d_model / 32}
+        on_epoch_end(epoch, {"dev_wer": wer, "dev_cer": wer / 2, "dev_loss": 3 * wer, "loss": wer})
+    return {"dev_wer": wer, "dev_cer": wer / 2, "latency_ms_per_s": 10.0 * trial_cfg.model.d_model / 32}
+
+
+def flat_trial(trial_cfg, ctx, on_epoch_end):
+    """Every configuration scores WER 1.0 (an undertrained proxy), CER still informative."""
+    cer = 0.5 + abs(math.log10(trial_cfg.train.lr) - math.log10(0.002))
+    for epoch in range(1, ctx.epochs + 1):
+        on_epoch_end(epoch, {"dev_wer": 1.0, "dev_cer": cer, "dev_loss": 2 * cer, "loss": 1.0})
+    return {"dev_wer": 1.0, "dev_cer": cer, "dev_loss": 2 * cer}
 
 
 def hang_trial(trial_cfg, ctx, on_epoch_end):
@@ -69,6 +77,7 @@ def make_cfg(root: Path, extra: list[str] | None = None):
             "tune.heartbeat_interval_s=1",
             "tune.grace_period_s=2",
             "tune.plots=false",
+            "tune.metric=dev_wer",  # quick_trial's learning curves are in WER
             *(extra or []),
         ],
     )
@@ -315,6 +324,25 @@ def test_disabled_returns_empty_overrides(tmp_path):
     assert (Path(res["output_dir"]) / "_SUCCESS.json").exists()
 
 
+def test_tied_trials_fall_back_to_the_profile_config_and_cer_breaks_the_tie(tmp_path):
+    flat = "tests.pipeline_tasks.test_tune:flat_trial"
+    cfg = make_cfg(tmp_path / "wer", ["tune.n_trials=4", "tune.n_workers=1", "tune.pruner=none"])
+    res = tune.run(cfg, fake_split(tmp_path / "wer"), trial_fn=flat)
+    # every trial scored 1.0: no trial is better, so training keeps the profile's own config
+    assert res["best_value"] == 1.0 and res["best_overrides"] == {} and "no signal" in res["no_signal"]
+    best = json.loads((Path(res["output_dir"]) / "best_config.json").read_text())
+    assert best["no_signal"] and best["metric"] == "dev_wer"
+    # the same study on dev CER has a signal: a real best, and a different study
+    cfg_c = make_cfg(tmp_path / "cer", ["tune.n_trials=4", "tune.n_workers=1", "tune.pruner=none",
+                                         "tune.metric=dev_cer"])
+    assert tune.study_name(cfg_c, fake_split(tmp_path / "cer")) != tune.study_name(cfg, fake_split(tmp_path / "wer"))
+    res_c = tune.run(cfg_c, fake_split(tmp_path / "cer"), trial_fn=flat)
+    assert res_c["no_signal"] is None and res_c["best_overrides"] and res_c["metric"] == "dev_cer"
+    trials = json.loads((Path(res_c["output_dir"]) / "trials.json").read_text())
+    values = [t["values"][0] for t in trials if t["state"] == "COMPLETE"]
+    assert res_c["best_value"] == min(values) < 1.0
+
+
 def test_multi_objective_pareto_front(tmp_path):
     space = {
         "model.d_model": {"type": "categorical", "choices": [16, 32, 64]},
@@ -382,4 +410,5 @@ def test_real_fit_on_tiny_proxy(tiny_cfg):
     )[0]
     assert float(child.data.params["train.lr"]) == pytest.approx(first["params"]["train.lr"])
     assert child.data.params["train.epochs"] == "2"
-    assert child.data.metrics["final_dev_wer"] == pytest.approx(first["values"][0])
+    assert cfg.tune.metric == "dev_loss"  # the tiny profile's: its trials never leave the blank stage
+    assert child.data.metrics["final_dev_loss"] == pytest.approx(first["values"][0])
