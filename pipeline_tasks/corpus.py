@@ -23,7 +23,7 @@ audio lasts over 20 s. espeak is given the transcript with clause punctuation ad
 (commas, a full stop or question mark), which it does not speak; SSML is off.
 
 Voices. A speaker is a fixed (espeak English voice, voice variant, base pitch) triple, its id
-``<voice>_<variant>_p<pitch>``; the speaking rate (110-175 wpm) and level vary per utterance. Light
+``<voice>_<variant>_p<pitch>``; the speaking rate (120-220 wpm) and level vary per utterance. Light
 noise (white or brown, SNR drawn from ``noise_snr_db``, default 15-40 dB) and a little leading and
 trailing silence are added in numpy. Audio is espeak's native 22,050 Hz (ingest resamples).
 
@@ -75,10 +75,7 @@ SAMPLE_RATE = 22050  # espeak-ng's native rate; the ingest step resamples to 16 
 ALLOWED_TEXT = re.compile(r"[a-z']+( [a-z']+)*")
 MIN_WORDS, MAX_WORDS = 3, 20
 LONG_FORM_MIN_S = 20.0
-# espeak-ng's rate in words per minute. Conversational English is ~150 wpm (~12 characters/s).
-# Above ~180 wpm a character CTC model with 4x subsampling (25 output frames/s) gets fewer than
-# 1.3 frames per character on many utterances and learns very slowly (see configs/local.yaml).
-SPEED_WPM = (110, 175)
+SPEED_WPM = (120, 220)
 DEFAULT_SNR_DB = (15.0, 40.0)
 GOLDEN_SENTENCE_BUCKETS = 10  # 1 in 10 sentences is golden-only
 GOLDEN_VOICE_BUCKETS = 6  # 1 in 6 (voice, variant) combinations is golden-only
