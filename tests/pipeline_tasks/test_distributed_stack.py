@@ -71,7 +71,11 @@ def test_down_after_manager_crash_stops_every_group(tmp_path):
         groups = {p["name"]: p["pgid"] for p in state["procs"]}
         assert set(groups) == {"alpha", "beta"}
         for pgid in groups.values():
-            assert len(_pids_in_group(pgid)) >= 2  # the component and its child
+            # the component and its child (bash may not have forked its child yet: wait for it)
+            deadline = time.monotonic() + 10
+            while len(_pids_in_group(pgid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(_pids_in_group(pgid)) >= 2
         mgr.send_signal(signal.SIGKILL)  # the manager crashes; its components keep running
         mgr.wait(timeout=10)
         assert all(_pids_in_group(g) for g in groups.values())
