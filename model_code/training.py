@@ -335,9 +335,8 @@ def evaluate(model, table, tokenizer, device, max_duration_s: float, dtype=torch
 
     def flush(b: list[int]) -> None:
         x = collate([table.features(i) for i in b], [tokenizer.encode(texts[i]) or [1] for i in b])
-        with torch.no_grad():
-            lp, ol = model(x["feats"].to(device, dtype=dtype), x["feat_lens"].to(device))
-            lv = ctc_loss(lp, ol, x["tokens"].to(device), x["token_lens"].to(device))
+        lp, ol = model(x["feats"].to(device, dtype=dtype), x["feat_lens"].to(device))
+        lv = ctc_loss(lp, ol, x["tokens"].to(device), x["token_lens"].to(device))
         loss["sum"] += float(lv) * len(b)
         loss["n"] += len(b)
         for i, h in zip(b, greedy_decode(lp.float().cpu().numpy(), ol.cpu().numpy(), tokenizer), strict=True):
@@ -351,17 +350,16 @@ def evaluate(model, table, tokenizer, device, max_duration_s: float, dtype=torch
     if batch:
         flush(batch)
     model.train(was_training)
-    refs = texts
-    hyp_list = [hyps[i] for i in range(len(refs))]
-    if not refs:
+    hyp_list = [hyps[i] for i in range(len(texts))]
+    if not texts:
         return {"wer": float("nan"), "cer": float("nan"), "loss": float("nan"), "n_utts": 0, "examples": []}
-    ec = error_counts(refs, hyp_list)
+    ec = error_counts(texts, hyp_list)
     return {
         "wer": float(ec["wer"]),
         "cer": float(ec["cer"]),
         "loss": loss["sum"] / max(loss["n"], 1),
-        "n_utts": len(refs),
-        "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyp_list, strict=True))[:5]],
+        "n_utts": len(texts),
+        "examples": [{"ref": r, "hyp": h} for r, h in list(zip(texts, hyp_list, strict=True))[:5]],
     }
 
 

@@ -99,39 +99,28 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_healthy(self, timeout: float = 120) -> float:
-        """Wait until the API server answers ``/api/v2/monitor/health``; returns the seconds it took."""
+    def wait_http(self, url: str, what: str, timeout: float = 120) -> float:
+        """Wait until ``url`` (one of this stack's servers) answers 200; returns the seconds it took.
+
+        Fails early when a component of the stack has exited.
+        """
         t0 = time.monotonic()
         last = ""
         while time.monotonic() - t0 < timeout:
             if dead := self.dead():
                 raise RuntimeError(f"{', '.join(dead)} exited early; see {self.log_dir}")
             try:
-                with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as r:
+                with urllib.request.urlopen(url, timeout=5) as r:
                     if r.status == 200:
                         return time.monotonic() - t0
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
                 last = str(e)
             time.sleep(0.5)
-        raise TimeoutError(
-            f"the API server did not become healthy in {timeout}s ({last}); see {self.log_dir}"
-        )
+        raise TimeoutError(f"{what} did not become healthy in {timeout}s ({last}); see {self.log_dir}")
 
-
-def wait_http(url: str, stack: Stack, timeout: float = 120) -> float:
-    """Wait until ``url`` answers 200 (a server of the stack); returns the seconds it took."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if dead := stack.dead():
-            raise RuntimeError(f"{', '.join(dead)} exited early; see {stack.log_dir}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {timeout}s; see {stack.log_dir}")
+    def wait_healthy(self, timeout: float = 120) -> float:
+        """Wait until the API server answers ``/api/v2/monitor/health``; returns the seconds it took."""
+        return self.wait_http(f"{self.url}/api/v2/monitor/health", "the API server", timeout)
 
 
 def _stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
@@ -211,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         took = stack.wait_healthy()
         if args.mlflow_port:
-            wait_http(f"http://127.0.0.1:{args.mlflow_port}/health", stack, timeout=120)
+            stack.wait_http(f"http://127.0.0.1:{args.mlflow_port}/health", "the MLflow server", timeout=120)
         print(
             f"\nAirflow UI   {stack.url}   login: {ADMIN_USER} / {admin_password(cfg)}"
             f"   (healthy after {time.monotonic() - t0:.0f}s; API ready {took:.0f}s after start)\n"

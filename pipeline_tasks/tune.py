@@ -770,7 +770,7 @@ def run_worker(
         )
         shutil.rmtree(ctx.out_dir, ignore_errors=True)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        wers: list[float] = []
+        scores: list[float] = []
         # The trial's nested MLflow run is the *active* run while fit trains, so fit logs its
         # params, per-epoch dev metrics and curve into it (fit's mlflow_nested=False: no extra
         # level). The tune step adds "trial/<tune.metric>" (the value reported to Optuna per
@@ -794,18 +794,18 @@ def run_worker(
         logging_on = trial_run is not None
 
         def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> None:
-            step = len(wers) + 1
-            wer = _objective_value(metrics, t.metric)
-            wers.append(wer)
+            step = len(scores) + 1
+            score = _objective_value(metrics, t.metric)
+            scores.append(score)
             trial.set_user_attr("epochs_done", step)
             if logging_on:
-                _mlflow_call("log epoch", lambda: mlflow.log_metric(f"trial/{t.metric}", wer, step=step))
+                _mlflow_call("log epoch", lambda: mlflow.log_metric(f"trial/{t.metric}", score, step=step))
             if t.multi_objective:
-                trial.set_user_attr("wer_per_epoch", wers)
+                trial.set_user_attr("wer_per_epoch", scores)
                 return
-            trial.report(wer, step)
+            trial.report(score, step)
             if step < t.epochs and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {step} (dev WER {wer:.4f})")
+                raise optuna.TrialPruned(f"pruned at epoch {step} ({t.metric} {score:.4f})")
 
         status = "FAILED"
         try:
@@ -817,16 +817,16 @@ def run_worker(
                     ),
                 )
             res = fn(trial_cfg, ctx, on_epoch_end)
-            wer = _objective_value(res, t.metric)
-            trial.set_user_attr("epochs_done", len(wers) or t.epochs)
+            score = _objective_value(res, t.metric)
+            trial.set_user_attr("epochs_done", len(scores) or t.epochs)
             if t.multi_objective:
                 lat = float(res["latency_ms_per_s"])
                 trial.set_user_attr("latency_ms_per_s", lat)
-                value: Any = (wer, lat)
+                value: Any = (score, lat)
             else:
-                value = wer
+                value = score
             if logging_on:
-                m = {f"final_{t.metric}": wer, "pruned": 0.0}
+                m = {f"final_{t.metric}": score, "pruned": 0.0}
                 if t.multi_objective:
                     m["latency_ms_per_s"] = lat
                 _mlflow_call("log final", lambda: mlflow.log_metrics(m))
@@ -835,7 +835,7 @@ def run_worker(
         except optuna.TrialPruned:
             status = "KILLED"
             if logging_on:
-                last = wers[-1] if wers else float("nan")
+                last = scores[-1] if scores else float("nan")
                 _mlflow_call("log pruned", lambda: mlflow.log_metrics({f"final_{t.metric}": last, "pruned": 1.0}))
             raise
         finally:
@@ -1045,7 +1045,7 @@ def _finalize_work(
         pareto = [
             {
                 "trial": x.number,
-                "dev_wer": x.values[0],
+                cfg.tune.metric: x.values[0],
                 "latency_ms_per_s": x.values[1],
                 "overrides": x.user_attrs.get("overrides", x.params),
             }

@@ -92,8 +92,6 @@ def test_multinode_launcher_is_valid_bash():
     out = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown mode" in out.stderr
     # every module the script launches exists in this repo
-    import re
-
     mods = set(re.findall(r"(?:--module|-m) ([a-z_][\w.]*)", script.read_text())) - {"torch.distributed.run"}
     assert mods == {"model_code.ds_launch"}
     for m in mods:

@@ -19,11 +19,14 @@ def free_port() -> int:
 
 
 def make_root(base: Path, landing: Path, golden: Path) -> Path:
-    """An artifact root laid out like the tiny profile expects: ``landing/`` and ``golden/`` inside."""
+    """An artifact root laid out like the tiny profile expects: ``landing/`` and the golden set
+    (``paths.golden_dir``, default ``golden_set/``) inside."""
+    from pipeline_tasks.config import PathsConfig
+
     root = base / "root"
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(landing, root / "landing", dirs_exist_ok=True)
-    shutil.copytree(golden, root / "golden", dirs_exist_ok=True)
+    shutil.copytree(golden, root / PathsConfig().golden_dir, dirs_exist_ok=True)
     return root
 
 
