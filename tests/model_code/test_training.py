@@ -126,11 +126,11 @@ def test_memory_probe_caps_batches_and_is_cached(tmp_path):
     res = train(a)
     caps = res["bucket_batch_sizes"]
     assert res["memory_probed"] and cache.exists() and len(json.loads(cache.read_text())) == 1
-    ref = DynamicBucketingSampler(FeatureTable(a.train_index).durations(), 2.5, 3, seed=a.seed)
+    durations = FeatureTable(a.train_index).durations()
+    ref = DynamicBucketingSampler(durations, 2.5, 3, seed=a.seed)
     assert len(caps) == ref.num_duration_buckets and min(caps) >= 1
     # the 4 MB budget binds: the duration budget alone makes batches larger than the cap
     assert max(len(b) for b in ref) > min(caps)
-    durations = FeatureTable(a.train_index).durations()
     bucket_of = np.searchsorted(ref.boundaries, durations, side="right")
     rows = [json.loads(x) for x in (tmp_path / "a" / "out" / "batches_rank0.jsonl").read_text().splitlines()]
     assert rows
