@@ -42,7 +42,7 @@ test: setup
 
 # The whole asr_retraining DAG through Airflow (`airflow dags test`), e.g. `make pipeline-local WEEK=2`.
 pipeline-local: setup
-	$(BIN)/python -m pipeline_tasks.local_run --profile $(PROFILE) $(if $(WEEK),--week $(WEEK),)
+	$(BIN)/python -m devstack.local_run --profile $(PROFILE) $(if $(WEEK),--week $(WEEK),)
 
 bench: setup
 	$(BIN)/pip install -q 'lhotse==1.33.*' urllib3
@@ -55,7 +55,7 @@ lint: setup
 AIRFLOW_PORT ?= 8080
 MLFLOW_PORT ?= 5000
 airflow-ui: setup
-	$(BIN)/python -m pipeline_tasks.airflow_ui --profile $(PROFILE) --port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT)
+	$(BIN)/python -m devstack.airflow_ui --profile $(PROFILE) --port $(AIRFLOW_PORT) --mlflow-port $(MLFLOW_PORT)
 
 clean-artifacts:
 	rm -rf artifacts/
@@ -63,10 +63,10 @@ clean-artifacts:
 # Distributed mode on loopback: Postgres + Redis + MLflow server + Airflow (CeleryExecutor, workers on
 # queues default and gpu), state in $(ASRFLOW_DIST_DIR) (default .local/distributed/). See README.md, "Production path".
 distributed-local: setup
-	$(BIN)/python -m pipeline_tasks.distributed_stack up
+	$(BIN)/python -m devstack.distributed_stack up
 
 distributed-stop:
-	$(BIN)/python -m pipeline_tasks.distributed_stack down
+	$(BIN)/python -m devstack.distributed_stack down
 
 distributed-status:
-	$(BIN)/python -m pipeline_tasks.distributed_stack status
+	$(BIN)/python -m devstack.distributed_stack status

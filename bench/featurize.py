@@ -44,7 +44,7 @@ from data_contracts.schema import UTTERANCE_SCHEMA  # noqa: E402
 from model_code.audio import load_audio, pcm16_hash, write_flac  # noqa: E402
 from model_code.features import feature_kwargs, logmel  # noqa: E402
 from pipeline_tasks.config import FeatureConfig  # noqa: E402
-from pipeline_tasks.featurize import featurize_manifest  # noqa: E402
+from pipeline_tasks.services.feature_cache import featurize_manifest  # noqa: E402
 
 WORK = REPO / "bench" / "results" / "tmp" / "featurize"
 
@@ -72,7 +72,7 @@ def make_corpus(n: int, seed: int, jobs: int) -> tuple[Path, Path, float]:
     if manifest.exists():
         t = pq.read_table(manifest)
         return ws, manifest, float(np.sum(t.column("duration_s").to_numpy())) / 3600
-    from pipeline_tasks import corpus
+    from synth import corpus
 
     landing = WORK / f"landing-{n}-{seed}"
     info = corpus.generate_week(landing, week=1, utterances=n, seed=seed, jobs=jobs)

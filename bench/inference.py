@@ -84,7 +84,7 @@ def load_audio_set(cfg, n: int, tmp: Path, sr: int) -> tuple[list[np.ndarray], l
         waves = [load_wave(ws / r["audio_path"], sr)[0] for r in rows]
         return waves, [r["text"] for r in rows], f"pipeline golden set ({len(rows)} utterances)"
     from model_code.text import normalize_text
-    from pipeline_tasks import corpus
+    from synth import corpus
 
     corpus.generate_golden(tmp / "golden", utterances=n, seed=1234, jobs=0)
     rows = [json.loads(x) for x in (tmp / "golden" / "manifest.jsonl").read_text().splitlines() if x.strip()]

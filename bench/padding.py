@@ -6,7 +6,7 @@
 
 (a) 50,000 lognormal durations (median 12 s, σ 0.5, clipped to 1–35 s), 600 s batches;
 (b) the embedded corpus's durations: ``--manifest`` files (NeMo JSONL with ``duration``), else
-    ~300 utterances generated with ``pipeline_tasks.corpus.generate_week`` into a temp folder,
+    ~300 utterances generated with ``synth.corpus.generate_week`` into a temp folder,
     batches of ``--corpus-max-duration`` s (the config default, 120 s).
 
 Per sampler and one epoch: padding share = 1 − Σ duration / Σ (batch size × longest in batch)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             d = manifest_durations(args.manifest)
             src = ", ".join(str(p) for p in args.manifest)
         else:
-            from pipeline_tasks import corpus
+            from synth import corpus
 
             with tempfile.TemporaryDirectory(prefix="asrflow-bench-padding-") as tmp_s:
                 tmp = Path(tmp_s)

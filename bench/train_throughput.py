@@ -100,7 +100,7 @@ def run_variant(cfg, index: Path, steps: int, workers: int, precision: str, tmp:
 
     from model_code.dataset import FeatureTable
     from model_code.training import train
-    from pipeline_tasks.train import make_tokenizer, train_args
+    from pipeline_tasks.steps.train import make_tokenizer, train_args
 
     tok = make_tokenizer(cfg, FeatureTable(index, in_memory=False).texts())
     out = tmp / f"out-w{workers}-{precision}"

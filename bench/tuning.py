@@ -1,11 +1,11 @@
 """ASHA vs no pruning: trial-epochs spent to reach (almost) the unpruned search's best.
 
 For each sampler seed, two studies search the same space with the same TPE sampler settings
-(:func:`pipeline_tasks.tune.make_sampler`, seeded identically) and the same sampling code
-(:func:`pipeline_tasks.tune.sample_params` + :func:`derive_overrides`):
+(:func:`pipeline_tasks.steps.tune.make_sampler`, seeded identically) and the same sampling code
+(:func:`pipeline_tasks.steps.tune.sample_params` + :func:`derive_overrides`):
 
 * **unpruned**: ``--trials`` trials, every one trained for ``--epochs`` epochs;
-* **asha**: :func:`pipeline_tasks.tune.make_pruner` with ``pruner=asha`` (``SuccessiveHalvingPruner``,
+* **asha**: :func:`pipeline_tasks.steps.tune.make_pruner` with ``pruner=asha`` (``SuccessiveHalvingPruner``,
   ``--min-resource``, ``--reduction-factor``), reporting dev WER each epoch exactly as the tune
   step does (no pruning decision at the last epoch), allowed up to ``--asha-trials`` trials.
 
@@ -21,7 +21,7 @@ quadratic around an optimum), dropout, warmup and SpecAugment, an exponential-po
 speed grows with lr and shrinks with dropout (so fast-learning configs can lead early and lose
 late, the case where early stopping can be misled), and seeded per-(trial, epoch) noise. The
 space is the ``tune.space`` of ``--profile`` (local by default). ``--mode real`` runs the real
-``train.fit`` through :func:`pipeline_tasks.tune.run` on the profile's proxy split (one seed;
+``train.fit`` through :func:`pipeline_tasks.steps.tune.run` on the profile's proxy split (one seed;
 needs the upstream pipeline steps, slow).
 
     .venv/bin/python bench/tuning.py                       # surrogate, 5 seeds
@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO))
 
 import optuna  # noqa: E402
 
-from pipeline_tasks import tune  # noqa: E402
 from pipeline_tasks.config import load_config  # noqa: E402
+from pipeline_tasks.steps import tune  # noqa: E402
 
 CMD = " ".join(sys.argv)
 
@@ -259,7 +259,7 @@ def surrogate(args) -> None:
 
 def real(args) -> None:
     """Real ``fit`` trials on the profile's proxy split: the same seed with ASHA and without."""
-    from pipeline_tasks.pipeline import run_until
+    from pipeline_tasks.graph import run_until
 
     base = load_config(
         args.profile,

@@ -12,13 +12,9 @@ import logging
 import os
 from datetime import timedelta
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from airflow.sdk import Param
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
 
 log = logging.getLogger("asrflow.dags")
 
@@ -38,6 +34,8 @@ def retrain_schedule() -> str | None:
 
 def profiles() -> list[str]:
     """Profile names offered in the trigger form: ``configs/*.yaml``."""
+    from pipeline_tasks.config import CONFIG_DIR
+
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     return names or [DEFAULT_PROFILE]
 
@@ -176,7 +174,7 @@ def force_flag(params: dict[str, Any] | None = None) -> bool:
 
 def run_step(step: str, inputs: dict[str, dict]) -> dict:
     """Run one pipeline step with the run's config; returns its small result record (the XCom)."""
-    from pipeline_tasks.pipeline import run_one
+    from pipeline_tasks.graph import run_one
 
     cfg = run_config()
     return run_one(step, cfg, inputs, force=force_flag())

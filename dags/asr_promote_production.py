@@ -75,38 +75,26 @@ def asr_promote_production():
     @task(task_id="canary_check", multiple_outputs=False, **retry_kwargs())
     def canary_check() -> dict:
         """WER of the `staging` version on the newest week's dev rows; fails the run if too high."""
-        from pipeline_tasks import promote
-        from pipeline_tasks.inference import alias_version
-
-        cfg = run_config()
-        staging = alias_version(cfg, promote.STAGING, cfg.registry.model_name)
         from airflow.sdk.exceptions import AirflowFailException  # fail now: retrying will not help
 
-        if staging is None:
-            raise AirflowFailException(
-                f"no version of {cfg.registry.model_name!r} has alias {promote.STAGING!r}"
-            )
-        res = promote.canary(cfg, staging)
-        passed = res["wer"] < cfg.registry.canary_max_wer
-        print(
-            f"canary: staging v{staging.version} WER {res['wer']:.4f} on {res['n_utts']} utterances of "
-            f"{res['batch']} (max {cfg.registry.canary_max_wer:g}): {'PASS' if passed else 'FAIL'}"
-        )
-        if not passed:
-            raise AirflowFailException(
-                f"canary failed: WER {res['wer']:.4f} >= {cfg.registry.canary_max_wer:g}"
-            )
-        return {**res, "passed": passed, "version": str(staging.version)}
+        from pipeline_tasks.steps import promote
+
+        try:
+            res = promote.canary_check(run_config())
+        except promote.CanaryFailed as e:
+            raise AirflowFailException(str(e)) from e
+        print(res["verdict"])
+        return res
 
     @task(task_id="promote_production", multiple_outputs=False, outlets=[PRODUCTION_MODEL], **retry_kwargs())
     def promote_production(canary: dict) -> dict:
-        from pipeline_tasks import promote
+        from pipeline_tasks.steps import promote
 
         return promote.promote_production(run_config())
 
     @task(task_id="rollback", multiple_outputs=False, outlets=[PRODUCTION_MODEL], **retry_kwargs())
     def rollback() -> dict:
-        from pipeline_tasks import promote
+        from pipeline_tasks.steps import promote
 
         return promote.rollback(run_config())
 

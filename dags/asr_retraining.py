@@ -14,7 +14,7 @@ moves the MLflow alias **`staging`** to it only if the gate passes.
 | `validate` | manifest schema + Great Expectations suite; bad rows to quarantine; a bad batch stops the run |
 | `featurize_plan` → `featurize_shard` (mapped) → `featurize_finalize` | log-mel features in Parquet shards, one mapped task per shard; only new utterances are computed |
 | `golden` | the fixed golden set (features), independent of the week's data |
-| `split` | train / dev / proxy split |
+| `split` | train / dev / proxy split (golden utterances excluded) |
 | `tune_prepare` → `tune_worker` (mapped) → `tune_finalize` | Optuna study on the proxy set; workers share one study; finalize picks the best config |
 | `train` | full DeepSpeed training (pool `gpu_pool`) |
 | `evaluate` | golden-set WER/CER per slice, candidate vs champion, confidence interval → gate decision |
@@ -88,7 +88,7 @@ def asr_retraining():
 
     @task(task_id="featurize_plan", multiple_outputs=False)
     def featurize_plan(validate_res: dict) -> list[dict]:
-        from pipeline_tasks import featurize
+        from pipeline_tasks.steps import featurize
 
         shards = list(featurize.plan(run_config(), {"validate": validate_res}))
         print(f"featurize: {len(shards)} shard(s) to compute")
@@ -96,7 +96,7 @@ def asr_retraining():
 
     @task(task_id="featurize_shard", multiple_outputs=False, **retry_kwargs(1))
     def featurize_shard(shard: dict, validate_res: dict) -> dict:
-        from pipeline_tasks import featurize
+        from pipeline_tasks.steps import featurize
 
         return featurize.run_shard(run_config(), {"validate": validate_res}, shard)
 
@@ -107,7 +107,7 @@ def asr_retraining():
         trigger_rule=TriggerRule.NONE_FAILED,
     )
     def featurize_finalize(validate_res: dict, shard_results) -> dict:
-        from pipeline_tasks import featurize
+        from pipeline_tasks.steps import featurize
 
         results = [shard_results[i] for i in range(len(shard_results))] if shard_results else []
         return featurize.finalize(run_config(), {"validate": validate_res}, results, force=force_flag())
@@ -117,13 +117,13 @@ def asr_retraining():
         return run_step("golden", {})
 
     @task(task_id="split", multiple_outputs=False)
-    def split(featurize_res: dict) -> dict:
-        return run_step("split", {"featurize": featurize_res})
+    def split(featurize_res: dict, golden_res: dict) -> dict:
+        return run_step("split", {"featurize": featurize_res, "golden": golden_res})
 
     @task(task_id="tune_prepare", multiple_outputs=False, **retry_kwargs())
     def tune_prepare(split_res: dict, **context) -> list[int]:
         """Open (or find) the Optuna study; returns the worker indices to map over."""
-        from pipeline_tasks import tune
+        from pipeline_tasks.steps import tune
 
         cfg = run_config()
         prep = tune.prepare(cfg, {"split": split_res})
@@ -134,7 +134,7 @@ def asr_retraining():
 
     @task(task_id="tune_worker", multiple_outputs=False, **retry_kwargs())
     def tune_worker(worker_index: int, split_res: dict) -> dict:
-        from pipeline_tasks import tune
+        from pipeline_tasks.steps import tune
 
         return tune.run_worker(run_config(), {"split": split_res}, int(worker_index))
 
@@ -145,7 +145,7 @@ def asr_retraining():
         **retry_kwargs(),
     )
     def tune_finalize(split_res: dict, worker_results) -> dict:
-        from pipeline_tasks import tune
+        from pipeline_tasks.steps import tune
 
         results = [worker_results[i] for i in range(len(worker_results))] if worker_results else []
         return tune.finalize(run_config(), {"split": split_res}, results, force=force_flag())
@@ -172,28 +172,15 @@ def asr_retraining():
     @task.short_circuit(task_id="promote_gate")
     def promote_gate(evaluate_res: dict, **context) -> bool:
         """Go on to `promote` only when the gate passed and the run's `promote` param is on."""
-        params = context["params"]
-        ti = context["ti"]
-        if not params.get("promote", True):
-            ok, reason = False, "promote=false: this run only evaluates; staging is left as it is"
-        elif not evaluate_res.get("passed"):
-            ok, reason = False, f"gate failed: {evaluate_res.get('reason') or 'candidate not better'}"
-        else:
-            ok, reason = True, f"gate passed: {evaluate_res.get('reason') or ''}".rstrip(": ")
-        figures = {
-            k: evaluate_res.get(k)
-            for k in (
-                "candidate_wer",
-                "candidate_cer",
-                "champion_wer",
-                "champion_version",
-                "p_better",
-                "ci95",
-            )
-        }
+        from pipeline_tasks.steps import promote
+
+        gate = promote.gate_decision(evaluate_res, bool(context["params"].get("promote", True)))
+        ok, reason = gate["promote"], gate["reason"]
+        figures = {k: v for k, v in gate.items() if k not in ("promote", "reason")}
         print(f"promote_gate: {'PROMOTE' if ok else 'SKIP'} — {reason}; figures: {figures}")
+        ti = context["ti"]
         ti.xcom_push(key="skip_reason", value=None if ok else reason)
-        ti.xcom_push(key="gate", value={"promote": ok, "reason": reason, **figures})
+        ti.xcom_push(key="gate", value=gate)
         return ok
 
     @task(task_id="promote", multiple_outputs=False, outlets=[STAGING_MODEL], **retry_kwargs())
@@ -206,7 +193,7 @@ def asr_retraining():
     shard_results = featurize_shard.partial(validate_res=val).expand(shard=shards)
     feat = featurize_finalize(val, shard_results)
     gold = golden()
-    spl = split(feat)
+    spl = split(feat, gold)
     prep = tune_prepare(spl)
     worker_results = tune_worker.partial(split_res=spl).expand(worker_index=prep)
     tuned = tune_finalize(spl, worker_results)

@@ -2,7 +2,7 @@
 
 What: :func:`load_audio` decodes WAV / FLAC / OGG / MP3 (through libsndfile via
 ``soundfile``), downmixes to mono and resamples to the target rate with
-``torchaudio.functional.resample``; :func:`write_flac` stores a waveform as 16-bit FLAC
+a numpy polyphase FIR (:func:`resample`, the filter of ``scipy.signal.resample_poly``); :func:`write_flac` stores a waveform as 16-bit FLAC
 atomically; :func:`pcm16_hash` is the content hash of a waveform (sha256 of its int16
 PCM bytes), which names files in the content-addressed raw store.
 
@@ -28,6 +28,7 @@ import io
 import os
 import struct
 import uuid
+from math import gcd
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -114,28 +115,53 @@ def _to_mono(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=np.float32)
 
 
-def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Resample a mono float32 waveform with ``torchaudio.functional.resample`` (sinc, Hann)."""
+def _kaiser_lowpass(up: int, down: int) -> np.ndarray:
+    """The anti-aliasing FIR of ``scipy.signal.resample_poly`` (default window): Kaiser(β=5)-windowed
+    sinc, cutoff ``1 / max(up, down)`` of Nyquist, ``20 * max(up, down) + 1`` taps, DC gain ``up``."""
+    max_rate = max(up, down)
+    half_len = 10 * max_rate
+    n = np.arange(-half_len, half_len + 1, dtype=np.float64)
+    cutoff = 1.0 / max_rate
+    h = cutoff * np.sinc(cutoff * n) * np.kaiser(2 * half_len + 1, 5.0)
+    return h / h.sum() * up
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int, block: int = 1 << 16) -> np.ndarray:
+    """Resample a mono float32 wave ``(S,)`` → ``(ceil(S * target / orig),)`` with a polyphase FIR.
+
+    Same filter and alignment as ``scipy.signal.resample_poly(wave, up, down)`` (the rational
+    factor reduced by the gcd: 44.1 kHz → 16 kHz is up 160 / down 441), written in numpy because
+    scipy's signal functions probe ``sys.modules["torch"]`` (array-API dispatch) and this module
+    must run where torch is absent or blocked. It is the one resampler of the project: ingest,
+    the golden set and serving (``asrflow transcribe``) all resample through it, so training
+    and serving see the same 16 kHz signal for audio recorded at any rate. Output sample ``m`` is
+    ``Σ_k x[k] · h[m·down + half_len - k·up]`` — only the taps that meet a nonzero sample of the
+    zero-stuffed input are computed (``≈ len(h) / up`` per output), in blocks of ``block`` outputs.
+    """
     if orig_sr == target_sr or wave.size == 0:
         return np.ascontiguousarray(wave, dtype=np.float32)
-    import torch
-    import torchaudio.functional as AF
-
-    # One intra-op thread: a single 1-D resample gains nothing from more, and on a busy
-    # 2-core machine torch's thread pool made it ~13x slower (0.65 s vs 0.05 s for 3 s of
-    # 22.05 kHz audio). The setting is process-global, so it is restored afterwards.
-    prev = torch.get_num_threads()
-    if prev != 1:
-        torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            out = AF.resample(
-                torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), int(orig_sr), int(target_sr)
-            )
-    finally:
-        if prev != 1:
-            torch.set_num_threads(prev)
-    return out.numpy().astype(np.float32, copy=False)
+    g = gcd(int(orig_sr), int(target_sr))
+    up, down = int(target_sr) // g, int(orig_sr) // g
+    x = np.asarray(wave, dtype=np.float64)
+    h = _kaiser_lowpass(up, down)
+    half_len, taps_len = (h.shape[0] - 1) // 2, h.shape[0]
+    n_in = x.shape[0]
+    n_out = -(-n_in * up // down)
+    n_taps = -(-taps_len // up)
+    out = np.empty(n_out, dtype=np.float64)
+    for s in range(0, n_out, block):
+        m = np.arange(s, min(s + block, n_out), dtype=np.int64)
+        base = m * down + half_len  # position in the zero-stuffed, filter-delayed domain
+        k0 = base // up  # newest input sample that reaches output m
+        phase = base - k0 * up
+        acc = np.zeros(m.shape[0], dtype=np.float64)
+        for j in range(n_taps):
+            k = k0 - j
+            hidx = phase + j * up
+            ok = (hidx < taps_len) & (k >= 0) & (k < n_in)
+            acc += np.where(ok, h[np.minimum(hidx, taps_len - 1)] * x[np.clip(k, 0, n_in - 1)], 0.0)
+        out[s : s + m.shape[0]] = acc
+    return out.astype(np.float32)
 
 
 def load_audio(

@@ -1,6 +1,6 @@
 """The feature-shard layout: how cached log-mel features are stored in Parquet (no torch).
 
-Feature shards (written by ``pipeline_tasks/featurize.py``) are Parquet files, one row per
+Feature shards (written by ``pipeline_tasks/steps/featurize.py``) are Parquet files, one row per
 utterance, schema :data:`FEATURE_SHARD_SCHEMA`. The ``features`` column holds the row-major
 bytes of a ``(n_frames, n_mels)`` float16 (or float32, see the file's ``asrflow.feature_dtype``
 metadata) array in a ``large_binary`` cell. That layout was chosen by measurement

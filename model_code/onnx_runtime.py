@@ -10,9 +10,9 @@ decoded identically.
 
 Why no torch: ``asrflow transcribe`` must run where only onnxruntime is installed. This module
 and everything it imports (``model_code.features``, ``model_code.tokenizer``,
-``model_code.decoding``, ``model_code.audio`` without its torchaudio resampler) are checked in
-a subprocess with ``sys.modules["torch"] = None``. Resampling here is a numpy polyphase FIR with
-the filter of ``scipy.signal.resample_poly`` (:func:`resample_np`).
+``model_code.decoding``, ``model_code.audio``) are checked in a subprocess with
+``sys.modules["torch"] = None``. Resampling is ``model_code.audio.resample``, a numpy polyphase
+FIR with the filter of ``scipy.signal.resample_poly``: the same function ingest uses.
 
 Feature extraction is a preprocessing step outside the ONNX graph: the graph takes log-mel
 features ``(B, T, n_mels)`` float32 and lengths ``(B,)`` int64 and returns log-probs
@@ -34,7 +34,6 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from math import gcd
 from pathlib import Path
 from typing import Any
 
@@ -68,52 +67,6 @@ RunFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 # ---------------------------------------------------------------------------------------------
 
 
-def _kaiser_lowpass(up: int, down: int) -> np.ndarray:
-    """The anti-aliasing FIR of ``scipy.signal.resample_poly`` (default window): Kaiser(β=5)-windowed
-    sinc, cutoff ``1 / max(up, down)`` of Nyquist, ``20 * max(up, down) + 1`` taps, DC gain ``up``."""
-    max_rate = max(up, down)
-    half_len = 10 * max_rate
-    n = np.arange(-half_len, half_len + 1, dtype=np.float64)
-    cutoff = 1.0 / max_rate
-    h = cutoff * np.sinc(cutoff * n) * np.kaiser(2 * half_len + 1, 5.0)
-    return h / h.sum() * up
-
-
-def resample_np(wave: np.ndarray, orig_sr: int, target_sr: int, block: int = 1 << 16) -> np.ndarray:
-    """Resample a mono float32 wave ``(S,)`` → ``(ceil(S * target / orig),)`` with a polyphase FIR.
-
-    Same filter and alignment as ``scipy.signal.resample_poly(wave, up, down)`` (the rational
-    factor reduced by the gcd: 44.1 kHz → 16 kHz is up 160 / down 441), written in numpy because
-    scipy's signal functions probe ``sys.modules["torch"]`` (array-API dispatch) and this module
-    must run where torch is absent or blocked. Output sample ``m`` is
-    ``Σ_k x[k] · h[m·down + half_len - k·up]`` — only the taps that meet a nonzero sample of the
-    zero-stuffed input are computed (``≈ len(h) / up`` per output), in blocks of ``block`` outputs.
-    """
-    if orig_sr == target_sr or wave.size == 0:
-        return np.ascontiguousarray(wave, dtype=np.float32)
-    g = gcd(int(orig_sr), int(target_sr))
-    up, down = int(target_sr) // g, int(orig_sr) // g
-    x = np.asarray(wave, dtype=np.float64)
-    h = _kaiser_lowpass(up, down)
-    half_len, taps_len = (h.shape[0] - 1) // 2, h.shape[0]
-    n_in = x.shape[0]
-    n_out = -(-n_in * up // down)
-    n_taps = -(-taps_len // up)
-    out = np.empty(n_out, dtype=np.float64)
-    for s in range(0, n_out, block):
-        m = np.arange(s, min(s + block, n_out), dtype=np.int64)
-        base = m * down + half_len  # position in the zero-stuffed, filter-delayed domain
-        k0 = base // up  # newest input sample that reaches output m
-        phase = base - k0 * up
-        acc = np.zeros(m.shape[0], dtype=np.float64)
-        for j in range(n_taps):
-            k = k0 - j
-            hidx = phase + j * up
-            ok = (hidx < taps_len) & (k >= 0) & (k < n_in)
-            acc += np.where(ok, h[np.minimum(hidx, taps_len - 1)] * x[np.clip(k, 0, n_in - 1)], 0.0)
-        out[s : s + m.shape[0]] = acc
-    return out.astype(np.float32)
-
 
 def load_wave(path: str | os.PathLike[str], target_sr: int) -> tuple[np.ndarray, int, int]:
     """Decode any audio file libsndfile reads, downmix to mono, resample to ``target_sr``.
@@ -123,8 +76,7 @@ def load_wave(path: str | os.PathLike[str], target_sr: int) -> tuple[np.ndarray,
     """
     from model_code.audio import load_audio
 
-    wave, sr, ch = load_audio(path, target_sr=None)  # decode only: its resampler would import torch
-    return resample_np(wave, sr, target_sr), sr, ch
+    return load_audio(path, target_sr=target_sr)
 
 
 # ---------------------------------------------------------------------------------------------

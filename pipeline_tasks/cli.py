@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline_tasks.pipeline import GRAPH, ORDER
+from pipeline_tasks.graph import GRAPH, ORDER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 corpus_app = typer.Typer(no_args_is_help=True, help="Generate the embedded synthetic speech corpus (espeak-ng).")
@@ -79,7 +79,7 @@ def _run_guarded(fn):
 
 
 def _run_step(step: str, profile: str, overrides: list[str] | None, force: bool) -> None:
-    from pipeline_tasks.pipeline import run_until
+    from pipeline_tasks.graph import run_until
 
     _setup_logging()
     cfg = _load(profile, overrides)
@@ -127,7 +127,7 @@ def pipeline_cmd(
     force: Annotated[bool, typer.Option("--force", help="recompute every step")] = False,
 ) -> None:
     """Run the whole pipeline in this process (no Airflow); every step is cached."""
-    from pipeline_tasks.pipeline import run_until
+    from pipeline_tasks.graph import run_until
 
     _setup_logging()
     cfg = _load(profile, overrides)
@@ -150,7 +150,7 @@ def evaluate_cmd(
     if manifest is None:
         typer.echo("--manifest is required with --model", err=True)
         raise typer.Exit(2)
-    from pipeline_tasks import inference
+    from pipeline_tasks.services import inference
 
     _setup_logging()
     cfg = _load(profile, overrides)
@@ -168,7 +168,7 @@ def transcribe_cmd(
     overrides: SetOpt = None,
 ) -> None:
     """Transcribe audio with an exported model (onnxruntime; no torch needed)."""
-    from pipeline_tasks import inference
+    from pipeline_tasks.services import inference
 
     _setup_logging()
     cfg = _load(profile, overrides)
@@ -185,7 +185,7 @@ def promote_production_cmd(
     rollback: Annotated[bool, typer.Option("--rollback", help="move production back to previous-production")] = False,
 ) -> None:
     """Canary-check `staging` on the newest dev data, then move `production` to it (or roll back)."""
-    from pipeline_tasks import promote
+    from pipeline_tasks.steps import promote
 
     _setup_logging()
     cfg = _load(profile, overrides)
@@ -202,7 +202,7 @@ def corpus_generate(
     jobs: Annotated[int, typer.Option(help="parallel espeak-ng processes (0 = all cores)")] = 0,
 ) -> None:
     """Synthesize one week of speech with espeak-ng into a landing zone (WAV + NeMo JSONL)."""
-    from pipeline_tasks import corpus
+    from synth import corpus
 
     _setup_logging()
     res = corpus.generate_week(out, week=week, utterances=utterances, seed=seed, jobs=jobs)
@@ -217,7 +217,7 @@ def corpus_golden(
     jobs: Annotated[int, typer.Option(help="parallel espeak-ng processes (0 = all cores)")] = 0,
 ) -> None:
     """Synthesize the fixed golden set from sentences and voices never used for training weeks."""
-    from pipeline_tasks import corpus
+    from synth import corpus
 
     _setup_logging()
     res = corpus.generate_golden(out, utterances=utterances, seed=seed, jobs=jobs)
@@ -231,6 +231,66 @@ def config_show(profile: ProfileOpt = "local", overrides: SetOpt = None) -> None
 
     cfg = _load(profile, overrides)
     typer.echo(yaml.safe_dump(cfg.dump(), sort_keys=False))
+
+
+# ---- asrflow landing import: existing data sets into the landing zone (pipeline_tasks/landing/) ----
+
+landing_app = typer.Typer(no_args_is_help=True, help="Bring existing speech data sets into the landing zone.")
+app.add_typer(landing_app, name="landing")
+
+
+@landing_app.command("import")
+def landing_import(
+    src: Annotated[Path, typer.Argument(help="the data set: a folder (or, for lhotse, a manifest file)")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="librispeech | commonvoice | kaldi | lhotse | audiofolder")],
+    batch: Annotated[str, typer.Option(help="batch name: the batch is written to <landing>/<NAME>/")],
+    landing: Annotated[str | None, typer.Option(help="landing folder (default: the profile's paths.landing_url)")] = None,
+    profile: ProfileOpt = "local",
+    overrides: SetOpt = None,
+    copy: Annotated[
+        bool, typer.Option("--copy/--link", help="copy whole audio files, or hard-link them (in place when SRC is in the landing zone)")
+    ] = True,
+    split: Annotated[str, typer.Option(help="commonvoice: the split TSV to read")] = "validated",
+    text_column: Annotated[str | None, typer.Option(help="audiofolder: the transcript column")] = None,
+    speaker_column: Annotated[str | None, typer.Option(help="audiofolder: the speaker column")] = None,
+    id_prefix: Annotated[str, typer.Option(help="prepended to every id (ids are unique across all batches)")] = "",
+    speaker_prefix: Annotated[str, typer.Option(help="prepended to every speaker")] = "",
+    jobs: Annotated[int, typer.Option(help="threads probing and writing audio (0 = all cores)")] = 0,
+) -> None:
+    """Import a data set as one landing batch: manifest.jsonl + audio + import_report.json (rejected entries)."""
+    from pipeline_tasks.landing import LandingImportError, import_batch
+
+    _setup_logging()
+    cfg = _load(profile, overrides)
+    try:
+        res = import_batch(
+            fmt,
+            src,
+            batch,
+            landing if landing is not None else cfg.paths.landing_url,
+            mode="copy" if copy else "link",
+            jobs=jobs,
+            split=split,
+            text_column=text_column,
+            speaker_column=speaker_column,
+            id_prefix=id_prefix,
+            speaker_prefix=speaker_prefix,
+            manifest_glob=cfg.ingest.manifest_glob,
+        )
+    except LandingImportError as e:
+        typer.echo(f"error ({type(e).__name__}): {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(json.dumps(res, indent=2, sort_keys=True))
+    verb = "already imported, nothing written:" if res["status"] == "unchanged" else "imported"
+    reasons = ", ".join(f"{k} {v}" for k, v in res["rejected_reasons"].items())
+    detail = f" ({reasons}; see {res['report']})" if reasons else ""
+    typer.echo(
+        f"{verb} {res['n_imported']} of {res['n_entries']} entries into {res['batch_dir']}; "
+        f"{res['n_rejected']} rejected{detail}",
+        err=True,
+    )
+    for note in res["notes"]:
+        typer.echo(f"note: {note}", err=True)
 
 
 def main() -> None:

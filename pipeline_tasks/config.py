@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data; `configs/` at the repo root links here
 
 
 class _Section(BaseModel):
@@ -57,6 +57,12 @@ class TextNormConfig(_Section):
     collapse_whitespace: bool = True
     digits: Literal["spell", "reject"] = "spell"
     allowed_chars: str = "abcdefghijklmnopqrstuvwxyz' "
+
+    def normalize(self, text: Any) -> str:
+        """``model_code.text.normalize_text`` with these settings (raises ``TextRejected``)."""
+        from model_code.text import normalize_text
+
+        return normalize_text(text, **self.model_dump())
 
 
 class IngestConfig(_Section):
@@ -339,26 +345,61 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, create: bool = False) -> None:
+    """Set ``data["a"]["b"]["c"] = value`` for ``key = "a.b.c"`` in place.
+
+    With ``create``, missing sections are made (the typed config then rejects unknown keys);
+    without it, a key that is not already there raises ``KeyError``.
+    """
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"empty config key {key!r}")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None and create:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            if nxt is None:
+                raise KeyError(key)
+            raise ValueError(f"config key {key!r}: {p!r} is not a section")
+        node = nxt
+    if not create and parts[-1] not in node:
+        raise KeyError(key)
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a nested mapping (returns a new mapping)."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping; returns a new one."""
     out = copy.deepcopy(data)
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
+        if not key.strip().strip("."):
             raise ValueError(f"override {item!r} has an empty key")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a section")
-            node = nxt
-        node[parts[-1]] = parse_value(raw)
+        try:
+            set_dotted(out, key, parse_value(raw), create=True)
+        except ValueError as e:
+            raise ValueError(f"override {item!r}: {e}") from e
     return out
+
+
+def with_overrides(cfg: AsrflowConfig, overrides: dict[str, Any] | None) -> AsrflowConfig:
+    """A validated copy of ``cfg`` with ``{"train.lr": 0.002, ...}`` applied (typed values).
+
+    The one applier for overrides that are already values (tuned configs, trial configs); an
+    unknown key raises ``ValueError("... is not a config key")``. ``cfg`` itself when empty.
+    """
+    if not overrides:
+        return cfg
+    d = cfg.dump()
+    for k, v in overrides.items():
+        try:
+            set_dotted(d, k, v)
+        except KeyError as e:
+            raise ValueError(f"{k!r} is not a config key") from e
+    return config_from_dict(d)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -34,7 +34,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_landing(corpus_dir) -> Path:
     """A landing zone with one synthetic week (48 utterances)."""
-    from pipeline_tasks import corpus
+    from synth import corpus
 
     landing = corpus_dir / "landing"
     corpus.generate_week(landing, week=1, utterances=TINY_UTTERANCES, seed=TINY_SEED, jobs=2)
@@ -43,7 +43,7 @@ def tiny_landing(corpus_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_golden(corpus_dir) -> Path:
-    from pipeline_tasks import corpus
+    from synth import corpus
 
     golden = corpus_dir / "golden"
     corpus.generate_golden(golden, utterances=TINY_GOLDEN, seed=TINY_SEED, jobs=2)

@@ -111,6 +111,27 @@ def test_celery_workers_use_the_solo_pool(compose):
     env = {e["name"]: e["value"] for e in gpu["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AIRFLOW__CELERY__POOL"] == "solo"
     # the distributed stack started here does the same
-    from pipeline_tasks import distributed_stack
+    from devstack import distributed_stack
 
     assert "AIRFLOW__CELERY__POOL" in Path(distributed_stack.__file__).read_text()
+
+
+def test_a_regular_install_ships_the_profiles_and_the_lexicon(tmp_path):
+    """The Docker image installs the package non-editable: the profiles and the corpus lexicon
+    must be package data inside the wheel, not files that only exist in a checkout."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(repo)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("asrflow-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    profiles = {p.name for p in (repo / "pipeline_tasks" / "configs").glob("*.yaml")}
+    assert {"local.yaml", "tiny.yaml", "prod.yaml"} <= profiles
+    assert {f"pipeline_tasks/configs/{n}" for n in profiles} <= names
+    assert "synth/corpus_data/lexicon.txt" in names
+    assert any(n.startswith("devstack/") for n in names) and any(n.startswith("pipeline_tasks/steps/tune/") for n in names)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from devstack.procs import free_port  # noqa: F401  (used by the tests of this folder)
 
 
 def make_root(base: Path, landing: Path, golden: Path) -> Path:

@@ -54,8 +54,8 @@ def model_versions(cfg) -> list[str]:
 
 
 def test_pipeline_local_twice_is_identical(dags_root, monkeypatch, capsys):
-    from pipeline_tasks import local_run
-    from pipeline_tasks.airflow_env import airflow_env
+    from devstack import local_run
+    from devstack.airflow_env import airflow_env
 
     monkeypatch.setenv("ASRFLOW_ROOT", str(dags_root))
     cfg = tiny_root_cfg(dags_root)
@@ -81,12 +81,8 @@ def test_pipeline_local_twice_is_identical(dags_root, monkeypatch, capsys):
     assert "nothing new registered" in out2 or "promote skipped" in out2
 
     # the run went through Airflow: its metadata DB holds both runs of the same logical date
-    env = airflow_env(cfg)
-    import sqlite3
+    from devstack.local_run import state_db
 
-    db = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"][len("sqlite:///") :]
-    with sqlite3.connect(db) as con:
-        rows = con.execute(
-            "SELECT state, logical_date FROM dag_run WHERE dag_id='asr_retraining' AND logical_date LIKE '2026-01-05%'"
-        ).fetchall()
+    runs = state_db(airflow_env(cfg)).dag_runs("asr_retraining")
+    rows = [(r["state"], r["logical_date"]) for r in runs if (r["logical_date"] or "").startswith("2026-01-05")]
     assert rows and all(state == "success" for state, _ in rows)

@@ -32,14 +32,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def stack(dags_root):
-    from pipeline_tasks.airflow_env import (
+    from devstack.airflow_env import (
         ADMIN_USER,
         admin_password,
         airflow_env,
         airflow_home,
         setup_airflow,
     )
-    from pipeline_tasks.airflow_ui import Stack
+    from devstack.airflow_ui import Stack
 
     cfg = tiny_root_cfg(dags_root)
     port = free_port()
@@ -142,7 +142,7 @@ def test_browser_trigger_with_changed_param(stack, tmp_path):
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from pipeline_tasks.airflow_env import ADMIN_USER, admin_password
+    from devstack.airflow_env import ADMIN_USER, admin_password
 
     api: AirflowApi = stack.api
     before = {r["dag_run_id"] for r in _runs(api)}
@@ -235,7 +235,7 @@ def test_scheduler_killed_mid_run_resumes_without_redoing(stack):
 
 def test_promote_production_and_rollback(stack):
     """The manual production DAG: canary + staging → production, then the rollback branch."""
-    from pipeline_tasks.inference import alias_version
+    from pipeline_tasks.services.registry import alias_version
 
     api: AirflowApi = stack.api
     dag = "asr_promote_production"

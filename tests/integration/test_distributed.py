@@ -1,6 +1,6 @@
 """Distributed mode, for real: Postgres + Redis + MLflow server + Airflow (CeleryExecutor) on loopback.
 
-One module-scoped stack (``pipeline_tasks.distributed_stack``: own data dirs under
+One module-scoped stack (``devstack.distributed_stack``: own data dirs under
 ``<repo>/.local/``, free ports, torn down in a ``finally`` also when a test fails) and one run of
 ``asr_retraining`` on the tiny-sized ``distributed`` profile, triggered through the REST API
 and executed by the scheduler and three Celery workers: ``default-1`` and ``default-2`` (queue
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from pipeline_tasks import distributed_stack as ds
+from devstack import distributed_stack as ds
 from pipeline_tasks.config import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -6,10 +6,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data_contracts.schema import FEATURE_INDEX_SCHEMA
 from model_code.dataset import (
     FeatureTable,
     ShardedFeatureDataset,
@@ -17,29 +19,39 @@ from model_code.dataset import (
     collate,
     read_shard_features,
 )
-from pipeline_tasks import featurize
-from pipeline_tasks.config import load_config
-from pipeline_tasks.contract import resolve
-from tests.pipeline_tasks.featurize_helpers import make_rows, write_validate_result
+from model_code.feature_store import shard_table
+from model_code.features import logmel
 
 N = 13
+SR = 16000
 
 
 @pytest.fixture(scope="module")
 def index_path(tmp_path_factory) -> Path:
+    """N utterances of log-mel features in shards of 2 (one row per row group), and their index,
+    laid out as the featurize step writes them (built here from model_code alone)."""
     base = tmp_path_factory.mktemp("ds")
-    cfg = load_config(
-        "tiny",
-        [
-            f"paths.root={base / 'art'}",
-            "features.shard_size=2",
-            "features.row_group_size=1",
-            "features.jobs=1",
-        ],
-    )
-    rows = make_rows(Path(cfg.paths.data_workspace), [f"d{i:02d}" for i in range(N)])
-    r = featurize.run(cfg, {"validate": write_validate_result(base / "v", rows)})
-    return resolve(r, r["index"])
+    rng = np.random.default_rng(0)
+    ids = [f"d{i:02d}" for i in range(N)]
+    durs = [float(rng.uniform(0.6, 2.5)) for _ in ids]
+    feats = [logmel((0.1 * rng.standard_normal(int(round(d * SR)))).astype(np.float32)) for d in durs]
+    index_rows = []
+    for start in range(0, N, 2):
+        sl = slice(start, start + 2)
+        shard = base / f"shard-{start:02d}.parquet"
+        table = shard_table(ids[sl], [f"h{i}" for i in ids[sl]], feats[sl], [f"text {i}" for i in ids[sl]],
+                            durs[sl], ["spk"] * len(ids[sl]))
+        pq.write_table(table, shard, row_group_size=1, compression="none")
+        for row, uid in enumerate(ids[sl]):
+            i = ids.index(uid)
+            index_rows.append({
+                "id": uid, "audio_hash": f"h{uid}", "shard": str(shard), "row": row,
+                "n_frames": int(feats[i].shape[0]), "duration_s": durs[i], "text": f"text {uid}",
+                "speaker": "spk", "long_form": False, "batch": "week-001",
+            })
+    path = base / "index.parquet"
+    pq.write_table(pa.Table.from_pylist(index_rows, schema=FEATURE_INDEX_SCHEMA), path)
+    return path
 
 
 def test_feature_table_in_memory_and_lazy_agree(index_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchaudio
 
-from model_code.features import feature_hash, logmel, logmel_batch, mel_filterbank, num_frames
+from model_code.features import logmel, logmel_batch, mel_filterbank, num_frames
 
 
 def _espeak_wave(tmp_path) -> np.ndarray:
@@ -103,15 +103,6 @@ def test_edge_inputs_and_batch(tmp_path):
     waves = [wave, wave[:5000], wave[7000:9000]]
     for b, w in zip(logmel_batch(waves), waves, strict=True):
         np.testing.assert_allclose(b, logmel(w), atol=1e-5)
-
-
-def test_feature_hash_tracks_value_fields_only():
-    from pipeline_tasks.config import FeatureConfig
-
-    base = FeatureConfig()
-    assert feature_hash(base) == feature_hash(base.model_copy(update={"shard_size": 7, "jobs": 1}))
-    assert feature_hash(base) != feature_hash(base.model_copy(update={"n_mels": 64}))
-    assert feature_hash(base) != feature_hash(base.model_copy(update={"dtype": "float32"}))
 
 
 def test_features_module_does_not_import_torch():

@@ -13,10 +13,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from model_code.audio import resample as resample_np
 from model_code.conformer import ConformerCTC
 from model_code.lm import build_arpa, build_lexicon, lexicon_words
 from model_code.onnx_export import build_metadata, compare_logprobs, export_onnx, torch_run_fn
-from model_code.onnx_runtime import CtcDecoder, OnnxAsr, batched_logprobs, pad_batch, resample_np
+from model_code.onnx_runtime import CtcDecoder, OnnxAsr, batched_logprobs, pad_batch
 from model_code.tokenizer import CharTokenizer
 
 REPO = Path(__file__).resolve().parents[2]

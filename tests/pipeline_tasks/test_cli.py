@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline_tasks.cli import app
-from pipeline_tasks.pipeline import ORDER
+from pipeline_tasks.graph import ORDER
 
 runner = CliRunner()
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_tasks import distributed_stack as ds
+from devstack import distributed_stack as ds
 from pipeline_tasks.config import REPO_ROOT
 
 MANAGER = r"""
 import sys, time
 from pathlib import Path
-from pipeline_tasks.distributed_stack import Stack
+from devstack.distributed_stack import Stack
 st = Stack(dir=Path(sys.argv[1]), ports={"pg": 1, "redis": 2, "mlflow": 3, "api": 4})
 # each component has a child of its own (like a Celery worker's task runner)
 st.spawn("alpha", ["bash", "-c", "sleep 300 & sleep 300; wait"])
@@ -83,7 +83,7 @@ def test_down_after_manager_crash_stops_every_group(tmp_path):
         assert st["running"] and all(v["alive"] for v in st["procs"].values())
 
         out = subprocess.run(
-            [sys.executable, "-m", "pipeline_tasks.distributed_stack", "down", "--dir", str(tmp_path)],
+            [sys.executable, "-m", "devstack.distributed_stack", "down", "--dir", str(tmp_path)],
             capture_output=True,
             text=True,
             env=env,

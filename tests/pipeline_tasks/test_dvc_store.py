@@ -1,4 +1,4 @@
-"""pipeline_tasks.dvc_store: a real git + DVC repo with a real folder remote."""
+"""pipeline_tasks.services.dvc_store: a real git + DVC repo with a real folder remote."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline_tasks.dvc_store import DataWorkspace, WorkspaceError, WorkspaceLockTimeout
+from pipeline_tasks.services.dvc_store import DataWorkspace, WorkspaceError, WorkspaceLockTimeout
 
 
 def _remote_files(remote):

@@ -8,21 +8,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from model_code.features import feature_kwargs
-from pipeline_tasks import evaluate, export, golden, promote
 from pipeline_tasks.contract import resolve
+from pipeline_tasks.steps import evaluate, export, promote
 from tests.conftest import make_tiny_cfg
-from tests.pipeline_tasks.gate_helpers import greedy_wer, quality_models
-
-
-@pytest.fixture(scope="module")
-def golden_res(tiny_cfg):
-    return golden.run(tiny_cfg, {})
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_cfg, golden_res):
-    return quality_models(tmp_path_factory.getbasetemp() / "gate_models", golden_res, feature_kwargs(tiny_cfg.features))
+from tests.pipeline_tasks.gate_helpers import greedy_wer
 
 
 def _cfg(tmp_path, tiny_landing, tiny_golden, *extra):

@@ -9,20 +9,9 @@ import pytest
 
 from model_code.features import feature_kwargs
 from model_code.onnx_runtime import OnnxAsr
-from pipeline_tasks import export, golden
 from pipeline_tasks.contract import resolve
+from pipeline_tasks.steps import export
 from tests.conftest import make_tiny_cfg
-from tests.pipeline_tasks.gate_helpers import quality_models
-
-
-@pytest.fixture(scope="module")
-def golden_res(tiny_cfg):
-    return golden.run(tiny_cfg, {})
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_cfg, golden_res):
-    return quality_models(tmp_path_factory.getbasetemp() / "gate_models", golden_res, feature_kwargs(tiny_cfg.features))
 
 
 def test_export_parity_metadata_and_int8(tmp_path, tiny_landing, tiny_golden, golden_res, models):

@@ -12,9 +12,9 @@ import soundfile as sf
 from data_contracts.schema import FEATURE_INDEX_SCHEMA
 from model_code.dataset import FEATURE_SHARD_SCHEMA, FeatureTable
 from model_code.features import feature_kwargs, logmel
-from pipeline_tasks import featurize
 from pipeline_tasks.config import load_config
 from pipeline_tasks.contract import resolve
+from pipeline_tasks.steps import featurize
 from tests.pipeline_tasks.featurize_helpers import make_rows, write_validate_result
 
 
@@ -125,3 +125,13 @@ def test_missing_features_fail_finalize_and_new_config_gets_new_cache(cfg, tmp_p
     r80 = featurize.run(cfg, {"validate": v})
     assert r40["feature_hash"] != r80["feature_hash"] and r40["n_computed"] == r80["n_computed"] == 3
     assert FeatureTable(resolve(r40, r40["index"])).features(0).shape[1] == 40
+
+
+def test_feature_hash_tracks_value_fields_only():
+    from model_code.features import feature_hash
+    from pipeline_tasks.config import FeatureConfig
+
+    base = FeatureConfig()
+    assert feature_hash(base) == feature_hash(base.model_copy(update={"shard_size": 7, "jobs": 1}))
+    assert feature_hash(base) != feature_hash(base.model_copy(update={"n_mels": 64}))
+    assert feature_hash(base) != feature_hash(base.model_copy(update={"dtype": "float32"}))

@@ -13,10 +13,10 @@ import yaml
 from model_code.dataset import FeatureTable
 from model_code.features import feature_kwargs, logmel
 from model_code.text import normalize_text
-from pipeline_tasks import featurize, golden
 from pipeline_tasks.config import load_config
 from pipeline_tasks.contract import resolve
-from pipeline_tasks.dvc_store import DataWorkspace
+from pipeline_tasks.services.dvc_store import DataWorkspace
+from pipeline_tasks.steps import featurize, golden
 from tests.pipeline_tasks.featurize_helpers import make_rows, write_golden_dir, write_validate_result
 
 

@@ -12,25 +12,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from model_code.features import feature_kwargs
+from model_code.audio import resample as resample_np
 from model_code.metrics import error_counts
-from model_code.onnx_runtime import resample_np
-from pipeline_tasks import evaluate, export, golden, inference, promote
 from pipeline_tasks.contract import resolve
+from pipeline_tasks.services import inference, registry
+from pipeline_tasks.steps import evaluate, export, promote
 from tests.conftest import make_tiny_cfg
-from tests.pipeline_tasks.gate_helpers import quality_models
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def golden_res(tiny_cfg):
-    return golden.run(tiny_cfg, {})
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_cfg, golden_res):
-    return quality_models(tmp_path_factory.getbasetemp() / "gate_models", golden_res, feature_kwargs(tiny_cfg.features))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +57,7 @@ def test_transcribe_manifest_and_evaluate_manifest(staged, golden_manifest, tmp_
     assert 0 <= res["wer"] < 0.9 and res["cer"] < 0.5 and res["rtfx"] > 0
     assert list((cfg.root / "model_cache" / "asr").iterdir())
     with pytest.raises(LookupError):
-        inference.resolve_model(cfg, "models:/asr@production")
+        registry.resolve_model(cfg, "models:/asr@production")
 
 
 def test_other_sample_rates_and_stereo(staged, golden_manifest, tmp_path):

@@ -14,10 +14,10 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from data_contracts.schema import QUARANTINE_SCHEMA, UTTERANCE_SCHEMA
-from pipeline_tasks import ingest
 from pipeline_tasks.config import load_config
 from pipeline_tasks.contract import resolve
-from pipeline_tasks.dvc_store import DataWorkspace
+from pipeline_tasks.services.dvc_store import DataWorkspace
+from pipeline_tasks.steps import ingest
 from tests.pipeline_tasks.landing_helpers import build_bad_batch, good_entries, tone, write_manifest
 
 

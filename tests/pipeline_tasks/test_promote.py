@@ -17,22 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from model_code.features import feature_kwargs
-from pipeline_tasks import evaluate, export, golden, promote
 from pipeline_tasks.contract import SUCCESS, resolve, write_json_atomic
-from pipeline_tasks.inference import alias_version
+from pipeline_tasks.services.registry import alias_version
+from pipeline_tasks.steps import evaluate, export, promote
 from tests.conftest import make_tiny_cfg
-from tests.pipeline_tasks.gate_helpers import quality_models
-
-
-@pytest.fixture(scope="module")
-def golden_res(tiny_cfg):
-    return golden.run(tiny_cfg, {})
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_cfg, golden_res):
-    return quality_models(tmp_path_factory.getbasetemp() / "gate_models", golden_res, feature_kwargs(tiny_cfg.features))
 
 
 def _fake_split(cfg, golden_res) -> dict:

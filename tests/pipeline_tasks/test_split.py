@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_contracts.schema import FEATURE_INDEX_SCHEMA
-from pipeline_tasks import featurize, golden, split
 from pipeline_tasks.config import load_config
 from pipeline_tasks.contract import resolve
-from pipeline_tasks.pipeline import run_until
+from pipeline_tasks.graph import run_until
+from pipeline_tasks.steps import featurize, golden, split
 from tests.pipeline_tasks.featurize_helpers import make_rows, write_golden_dir, write_validate_result
 
 EDGES = [2.0, 4.0, 8.0]
@@ -146,9 +146,11 @@ def test_split_step_excludes_golden_and_long_form(scfg, tmp_path):
         sum(parts["train"].column("duration_s").to_pylist()) / 3600, abs=1e-5
     )
 
-    # deterministic and cached; without the golden input the step looks the (cached) golden set up itself
-    assert split.run(scfg, {"featurize": f}) == r
-    forced = split.run(scfg, {"featurize": f}, force=True)
+    # deterministic and cached; without the golden input the step refuses to split
+    assert split.run(scfg, {"featurize": f, "golden": g}) == r
+    with pytest.raises(ValueError, match="golden"):
+        split.run(scfg, {"featurize": f}, force=True)
+    forced = split.run(scfg, {"featurize": f, "golden": g}, force=True)
     assert (forced["train_md5"], forced["dev_md5"], forced["proxy_md5"]) == (
         r["train_md5"],
         r["dev_md5"],

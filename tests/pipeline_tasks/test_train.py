@@ -12,11 +12,11 @@ import optuna
 import pytest
 
 from model_code.packaging import load_model_dir
-from pipeline_tasks import train as train_step
-from pipeline_tasks.config import REPO_ROOT
+from pipeline_tasks.config import REPO_ROOT, with_overrides
 from pipeline_tasks.contract import resolve
-from pipeline_tasks.pipeline import run_until
-from pipeline_tasks.tracking import mlflow_setup
+from pipeline_tasks.graph import run_until
+from pipeline_tasks.services.tracking import mlflow_setup
+from pipeline_tasks.steps import train as train_step
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_train_step_publishes_model_history_curve_and_tracks_mlflow(tiny_cfg, sp
     assert len(_runs_with_key(tiny_cfg, res["key"])) == 1
     assert not train_step.checkpoint_dir_for(tiny_cfg, res["key"]).exists()
     # different overrides → a different key
-    other = train_step.apply_best_overrides(tiny_cfg, {"train.lr": 0.001})
+    other = with_overrides(tiny_cfg, {"train.lr": 0.001})
     assert train_step.train_key(other, split, {"train.lr": 0.001}) != res["key"]
 
 
@@ -69,14 +69,14 @@ def test_killed_step_attempt_resumes_from_its_checkpoint(tiny_cfg, split, tmp_pa
     inputs = {"split": split, "tune": tune}
     inputs_file.write_text(json.dumps(inputs))
     code = (
-        "import json,sys; from pipeline_tasks.config import config_from_dict; from pipeline_tasks import train;"
+        "import json,sys; from pipeline_tasks.config import config_from_dict; from pipeline_tasks.steps import train;"
         "train.run(config_from_dict(json.load(open(sys.argv[1]))), json.load(open(sys.argv[2])))"
     )
     env = {**os.environ, "ASRFLOW_TRAIN_FAULT": "after_step:5"}
     proc = subprocess.run([sys.executable, "-c", code, str(cfg_file), str(inputs_file)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL mid-training
-    key = train_step.train_key(train_step.apply_best_overrides(tiny_cfg, tune["best_overrides"]), split,
+    key = train_step.train_key(with_overrides(tiny_cfg, tune["best_overrides"]), split,
                                tune["best_overrides"])
     ckdir = train_step.checkpoint_dir_for(tiny_cfg, key)
     assert json.loads((ckdir / "latest.json").read_text())["step"] == 4  # outside the temp folder: survived

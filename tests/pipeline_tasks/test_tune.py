@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_tasks import tune
-from pipeline_tasks.config import load_config
+from pipeline_tasks.config import load_config, with_overrides
+from pipeline_tasks.steps import tune
 
 QUICK = "tests.pipeline_tasks.test_tune:quick_trial"
 HANG = "tests.pipeline_tasks.test_tune:hang_trial"
@@ -252,7 +252,7 @@ def test_conditional_params_and_derived_overrides(tmp_path):
         assert overrides["train.lr"] == pytest.approx(params["train.lr"] * math.sqrt(ratio))
         heads = overrides.get("model.n_heads", 4)
         assert params["model.d_model"] % heads == 0
-        trial_cfg = tune.apply_overrides(cfg, overrides)  # validates against the real config
+        trial_cfg = with_overrides(cfg, overrides)  # validates against the real config
         assert trial_cfg.model.d_model == params["model.d_model"]
         study.tell(trial, 0.5)
     assert seen == {"cosine", "noam"}
@@ -386,10 +386,10 @@ def test_real_fit_on_tiny_proxy(tiny_cfg):
     """The production objective: ``train.fit`` on the tiny proxy split, WER reported per epoch."""
     import mlflow
 
-    from pipeline_tasks.pipeline import run_until
+    from pipeline_tasks.graph import run_until
 
     split = run_until("split", tiny_cfg)["split"]
-    cfg = tune.apply_overrides(
+    cfg = with_overrides(
         tiny_cfg, {"tune.n_trials": 2, "tune.n_workers": 1, "tune.epochs": 2, "tune.plots": False}
     )
     res = tune.run(cfg, {"split": split})

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_contracts.schema import QUARANTINE_SCHEMA, UTTERANCE_SCHEMA
-from pipeline_tasks import ingest, validate
 from pipeline_tasks.config import load_config
 from pipeline_tasks.contract import file_md5, resolve
-from pipeline_tasks.validate import DataContractError
+from pipeline_tasks.steps import ingest, validate
+from pipeline_tasks.steps.validate import DataContractError
 from tests.pipeline_tasks.landing_helpers import good_entries, tone, write_manifest, write_wav
 
 

@@ -1,0 +1,92 @@
+"""NeMo-style JSONL manifests: the one reader used by ingest, golden and ``asrflow transcribe``.
+
+A manifest line is a JSON object with NeMo's field names (``audio_filepath``, ``duration``,
+``text``; asrflow adds optional ``id`` and ``speaker``). :func:`parse_lines` turns bytes into
+:class:`ManifestLine` records and never raises: a line that is not UTF-8, not JSON, or not an
+object carries a machine ``reason`` and a readable ``message`` instead of a record, so ingest
+can quarantine it and go on. :func:`read_manifest` is the strict form for inputs a person
+points at (the golden set, a manifest to transcribe): the first bad line is an error that
+names ``path:line``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used as a whole (strict reading)."""
+
+
+@dataclass
+class ManifestLine:
+    line_no: int  # 1-based
+    raw: bytes
+    record: dict[str, Any] | None = None
+    reason: str | None = None  # manifest_not_utf8 | manifest_bad_json | manifest_bad_row
+    message: str | None = None
+
+
+def _parse_one(i: int, raw: bytes) -> ManifestLine:
+    out = ManifestLine(i, raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        out.reason, out.message = "manifest_not_utf8", f"line {i} is not valid UTF-8 ({e.reason} at byte {e.start})"
+        return out
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        out.reason, out.message = "manifest_bad_json", f"line {i} is not valid JSON ({e.msg} at column {e.colno})"
+        return out
+    except (RecursionError, ValueError) as e:  # nesting too deep, integers over Python's digit limit
+        out.reason, out.message = "manifest_bad_row", f"line {i} cannot be parsed: {type(e).__name__}: {e}"[:500]
+        return out
+    if not isinstance(rec, dict):
+        out.reason, out.message = "manifest_bad_json", f"line {i} is JSON but not an object"
+        return out
+    out.record = rec
+    return out
+
+
+def parse_lines(lines: Iterable[bytes]) -> Iterator[ManifestLine]:
+    """Every non-blank line as a :class:`ManifestLine` (1-based line numbers); never raises."""
+    for i, raw in enumerate(lines, start=1):
+        raw = raw.rstrip(b"\r\n")
+        if raw.strip():
+            yield _parse_one(i, raw)
+
+
+def split_lines(data: bytes) -> Iterator[bytes]:
+    return iter(data.split(b"\n"))
+
+
+def read_manifest(
+    path: str | os.PathLike[str], required: tuple[str, ...] = ("audio_filepath",)
+) -> list[dict[str, Any]]:
+    """A manifest's records, strictly: the first unusable line raises :class:`ManifestError`.
+
+    Each record gets ``_line`` (1-based), ``_source`` (``path:line``) and ``_abs_path`` (its
+    ``audio_filepath`` made absolute against the manifest's folder).
+    """
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    with open(path, "rb") as f:
+        for ml in parse_lines(f):
+            if ml.record is None:
+                raise ManifestError(f"{path}:{ml.line_no}: {ml.message}")
+            missing = [k for k in required if k not in ml.record]
+            if missing:
+                raise ManifestError(f"{path}:{ml.line_no}: needs {' and '.join(repr(k) for k in required)}")
+            rec = ml.record
+            ap = Path(str(rec.get("audio_filepath", ""))).expanduser()
+            rec["_line"] = ml.line_no
+            rec["_source"] = f"{path}:{ml.line_no}"
+            rec["_abs_path"] = str(ap if ap.is_absolute() else path.parent / ap)
+            rows.append(rec)
+    return rows

@@ -1,0 +1,600 @@
+"""The ``ingest`` step: landing zone → versioned 16 kHz mono FLAC snapshot + utterance manifest.
+
+What it does, for every ``*.jsonl`` manifest in the landing zone (a folder or any fsspec
+URL: ``file://``, ``memory://``, ``s3://``…; NeMo fields ``audio_filepath``, ``duration``,
+``text``, optional ``id`` and ``speaker``; batch name = the manifest's parent folder):
+
+1. parses each line (not UTF-8 / not JSON / missing fields / NaN or negative duration →
+   quarantined), normalizes the transcript (:func:`model_code.text.normalize_text`;
+   digits are spelled out by default), resolves the audio path and refuses any path
+   that leaves the landing zone (``../``, absolute paths elsewhere, symlinks out of it);
+2. decodes the audio on all cores (a process pool), downmixes, resamples to 16 kHz
+   (8 kHz and 44.1 kHz stereo are resampled, not rejected), checks the declared
+   duration against the decoded one, and stores it as FLAC in the content-addressed
+   raw store ``<workspace>/raw/<h[:2]>/<h>.flac`` (``h`` = sha256 of the int16 PCM;
+   an existing file is never rewritten);
+3. merges the new rows into the cumulative manifest ``<workspace>/manifests/utterances.parquet``
+   (every utterance ingested so far, one row per id), then ``dvc add`` / git commit /
+   tag ``snapshot-<md5[:12]>`` / ``dvc push`` — all under the workspace lock, so a
+   concurrent ingest waits and then merges on top;
+4. writes ``manifest.parquet`` (a copy of the cumulative manifest) and
+   ``quarantine.parquet`` (every landing row that could not be ingested, with a machine
+   ``reason`` and readable ``message``) into the step output.
+
+Decoding uses a process pool (``ingest.jobs`` processes, 0 = all cores) when there are at least
+``ingest.pool_min_items`` files; smaller batches decode in-process, since a spawned worker
+must first import torch. The pool uses the ``spawn`` start method, so a script that calls
+:func:`run` must guard its entry point with ``if __name__ == "__main__":`` (spawned workers
+re-import the main module; an unguarded script would re-run ingest in each worker and wait
+forever on the step lock).
+
+Why this shape: the step key hashes the landing zone's *content* (manifest bytes, each
+file's content hash), the ingest config and the workspace location, never a time, so a
+rerun on the same landing zone returns the cached result; and if the cache is gone the
+workspace dedup (ids already present with the same audio and text are not new) makes
+the rerun create no new commit, no new tag and no duplicate rows. A bad row never stops
+the batch: it is quarantined (a copy of the offending file or manifest line goes to
+``paths.quarantine_dir/<batch>/``; the source is never moved or deleted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import shutil
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts.schema import QUARANTINE_SCHEMA, UTTERANCE_SCHEMA, conform
+from model_code.audio import AudioDecodeError, load_audio, pcm16_hash, write_flac
+from model_code.text import TextRejected
+from pipeline_tasks.config import AsrflowConfig
+from pipeline_tasks.contract import file_md5, run_step, sha256_hex, step_key
+from pipeline_tasks.records import IngestResult, StepInputs
+from pipeline_tasks.services.dvc_store import DataWorkspace
+from pipeline_tasks.services.manifests import parse_lines, split_lines
+
+log = logging.getLogger(__name__)
+
+STEP = "ingest"
+CODE_VERSION = "2"  # 2: one numpy resampler (model_code.audio.resample) for ingest, golden and serving
+
+RAW_DIR = "raw"
+MANIFEST_DIR = "manifests"
+MANIFEST_REL = f"{MANIFEST_DIR}/utterances.parquet"
+
+
+class LandingError(RuntimeError):
+    """The landing zone itself is unusable (missing, unreadable): nothing can be ingested."""
+
+
+# ---------------------------------------------------------------------------------
+# landing zone access
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Landing:
+    """A landing zone: an fsspec filesystem and the root path inside it."""
+
+    url: str
+    fs: Any = field(init=False)
+    root: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/") or "/"
+        if not self.fs.exists(self.root):
+            raise LandingError(f"landing zone {self.url!r} does not exist")
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def rel(self, path: str) -> str:
+        return posixpath.relpath(path, self.root)
+
+    def manifests(self, pattern: str) -> list[str]:
+        found = self.fs.glob(posixpath.join(self.root, pattern))
+        if pattern.startswith("**/"):  # '**' may or may not match zero folders, depending on fsspec
+            found += self.fs.glob(posixpath.join(self.root, pattern[3:]))
+        out = sorted({p for p in found if not any(part.startswith(".") for part in self.rel(p).split("/"))})
+        # a manifest reached through a symlink that leaves the landing zone is not read
+        return [p for p in out if self.inside(p) and self.fs.isfile(p)]
+
+    def _files(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every file under the root with its fsspec info; on local disk symlinked folders
+        are not descended into (a link to ``/`` must not make us walk the whole disk)."""
+        if not self.is_local:
+            return [(p, i) for p, i in sorted(self.fs.find(self.root, detail=True).items()) if i.get("type") == "file"]
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(p)
+                except OSError:  # dangling symlink
+                    out.append((p, {"type": "file", "size": None, "dangling": os.readlink(p)}))
+                    continue
+                out.append((p, {"type": "file", "size": st.st_size}))
+        return out
+
+    def inside(self, path: str) -> bool:
+        """Whether ``path`` (already normalized) is inside the root, following symlinks on local disk."""
+        root = self.root
+        if not (path == root or path.startswith(root.rstrip("/") + "/")):
+            return False
+        if self.is_local:
+            real_root = os.path.realpath(root)
+            real = os.path.realpath(path)
+            return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+        return True
+
+    def content_id(self, path: str, info: dict[str, Any]) -> str:
+        """A content hash for the step key: the store's checksum when it has one, else sha1 of the bytes."""
+        for k in ("ETag", "etag", "md5Hash", "md5", "checksum"):
+            if info.get(k):
+                return f"{k}:{str(info[k]).strip(chr(34))}"
+        if info.get("dangling") is not None:
+            return "dangling:" + str(info["dangling"])
+        if self.is_local and not self.inside(path):
+            return "link-out:" + os.path.realpath(path)
+        h = hashlib.sha1()
+        with self.fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return "sha1:" + h.hexdigest()
+
+    def fingerprint(self) -> str:
+        """sha256 over (relative path, size, content hash) of every file in the landing zone."""
+        items = []
+        for path, info in self._files():
+            rel = self.rel(path)
+            if any(part.startswith(".") for part in rel.split("/")):
+                continue
+            items.append([rel, info.get("size"), self.content_id(path, info)])
+        return sha256_hex(json.dumps(items, sort_keys=True))
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+# ---------------------------------------------------------------------------------
+# per-row records
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One landing manifest line on its way through ingest."""
+
+    batch: str
+    source: str  # <manifest path relative to the landing root>:<line number>
+    manifest_path: str
+    line_no: int
+    line: bytes
+    id: str | None = None
+    audio_filepath: str | None = None
+    audio_full: str | None = None  # resolved path in the landing fs
+    declared_duration: float | None = None
+    text_raw: str | None = None
+    text: str | None = None
+    speaker: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    decoded: dict[str, Any] | None = None
+
+    def reject(self, reason: str, message: str) -> None:
+        self.reason, self.message = reason, message
+
+
+def _batch_name(landing: Landing, manifest_path: str) -> str:
+    parent = posixpath.dirname(landing.rel(manifest_path))
+    return posixpath.basename(parent) if parent not in ("", ".") else (posixpath.basename(landing.root) or "root")
+
+
+def _parse_manifest(landing: Landing, manifest_path: str, tcfg: Any) -> list[Row]:
+    """Parse one manifest into rows; each bad line becomes a rejected row, never an exception."""
+    rel = landing.rel(manifest_path)
+    batch = _batch_name(landing, manifest_path)
+    data = landing.fs.cat_file(manifest_path)
+    rows: list[Row] = []
+    for ml in parse_lines(split_lines(data)):
+        i = ml.line_no
+        row = Row(batch=batch, source=f"{rel}:{i}", manifest_path=manifest_path, line_no=i, line=ml.raw)
+        rows.append(row)
+        if ml.record is None:
+            row.reject(ml.reason or "manifest_bad_json", ml.message or f"line {i} is unusable")
+            continue
+        rec = ml.record
+        rid = rec.get("id")
+        row.id = str(rid) if rid not in (None, "") else hashlib.sha1(row.source.encode()).hexdigest()[:16]
+        afp = rec.get("audio_filepath")
+        if not isinstance(afp, str) or not afp:
+            row.reject("manifest_missing_field", "'audio_filepath' is missing or not a string")
+            continue
+        row.audio_filepath = afp
+        if rec.get("speaker") is not None:
+            row.speaker = str(rec["speaker"])
+        if "text" not in rec:
+            row.reject("manifest_missing_field", "'text' is missing")
+            continue
+        row.text_raw = rec["text"] if isinstance(rec["text"], str) else json.dumps(rec["text"])
+        dur = rec.get("duration")
+        if dur is not None:
+            if isinstance(dur, bool) or not isinstance(dur, (int, float)):
+                row.reject("bad_duration", f"declared duration {dur!r} is not a number")
+                continue
+            if not math.isfinite(dur) or dur <= 0:
+                row.reject("bad_duration", f"declared duration {dur!r} is not a finite positive number")
+                continue
+            row.declared_duration = float(dur)
+        try:
+            row.text = tcfg.normalize(rec["text"])
+        except TextRejected as e:
+            row.reject(e.reason, e.message)
+            continue
+        _resolve_audio(landing, row)
+    return rows
+
+
+def _resolve_audio(landing: Landing, row: Row) -> None:
+    """Resolve ``audio_filepath`` against the manifest's folder; reject escapes and missing files."""
+    afp = row.audio_filepath or ""
+    if "://" in afp:
+        row.reject("path_escape", f"audio_filepath {afp!r} is a URL; only paths inside the landing zone are read")
+        return
+    base = posixpath.dirname(row.manifest_path)
+    full = posixpath.normpath(afp if afp.startswith("/") else posixpath.join(base, afp))
+    if not landing.inside(full):
+        row.reject("path_escape", f"audio_filepath {afp!r} resolves outside the landing zone")
+        return
+    if not landing.fs.exists(full):
+        row.reject("audio_missing", f"audio file {afp!r} does not exist")
+        return
+    if not landing.fs.isfile(full):
+        row.reject("audio_missing", f"audio file {afp!r} is not a regular file")
+        return
+    row.audio_full = full
+
+
+# ---------------------------------------------------------------------------------
+# decoding (runs in worker processes)
+# ---------------------------------------------------------------------------------
+
+
+def _init_worker() -> None:
+    """One torch thread per worker process: the pool already uses every core."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:  # pragma: no cover - torch is always installed, but decoding does not need it
+        pass
+
+
+def decode_item(task: dict[str, Any]) -> dict[str, Any]:
+    """Decode one audio file, check its duration, store it as FLAC in the raw store.
+
+    ``task``: ``src`` (local path or bytes), ``declared`` (seconds or None), ``target_sr``,
+    ``workspace``, ``tol_s``, ``tol_ratio``. Returns ``{"ok": True, ...metadata}`` or
+    ``{"ok": False, "reason", "message"}``; never raises for bad audio.
+    """
+    src = task["src"]
+    try:
+        import io
+
+        wave, orig_sr, orig_ch = load_audio(io.BytesIO(src) if isinstance(src, bytes) else src, task["target_sr"])
+    except AudioDecodeError as e:
+        return {"ok": False, "reason": e.reason, "message": e.message}
+    except Exception as e:  # a decoder bug must not take the batch down
+        return {"ok": False, "reason": "audio_unreadable", "message": f"{type(e).__name__}: {e}"}
+    sr = int(task["target_sr"])
+    duration = wave.shape[0] / sr
+    declared = task.get("declared")
+    if declared is not None:
+        tol = max(float(task["tol_s"]), float(task["tol_ratio"]) * duration)
+        if abs(declared - duration) > tol:
+            return {
+                "ok": False,
+                "reason": "duration_mismatch",
+                "message": f"declared duration {declared:.3f}s but the audio is {duration:.3f}s (tolerance {tol:.3f}s)",
+            }
+    h = pcm16_hash(wave)
+    rel = f"{RAW_DIR}/{h[:2]}/{h}.flac"
+    dest = Path(task["workspace"]) / rel
+    stored = False
+    if not dest.exists():
+        write_flac(dest, wave, sr)
+        stored = True
+    return {
+        "ok": True,
+        "audio_hash": h,
+        "audio_path": rel,
+        "num_samples": int(wave.shape[0]),
+        "duration_s": float(duration),
+        "orig_sample_rate": int(orig_sr),
+        "orig_channels": int(orig_ch),
+        "stored": stored,
+    }
+
+
+def _jobs(n: int) -> int:
+    return n if n > 0 else max(1, os.cpu_count() or 1)
+
+
+def _decode_all(landing: Landing, rows: list[Row], cfg: AsrflowConfig, workspace: Path) -> None:
+    todo = [r for r in rows if r.reason is None]
+    ic = cfg.ingest
+
+    def task(r: Row) -> dict[str, Any]:
+        # local files are opened by the worker; other stores are read here (a worker cannot
+        # see e.g. this process's memory:// filesystem) and shipped as bytes
+        src: str | bytes = r.audio_full if landing.is_local else landing.fs.cat_file(r.audio_full)
+        return {
+            "src": src,
+            "declared": r.declared_duration,
+            "target_sr": ic.target_sample_rate,
+            "workspace": str(workspace),
+            "tol_s": ic.max_duration_mismatch_s,
+            "tol_ratio": ic.max_duration_mismatch_ratio,
+        }
+
+    jobs = min(_jobs(ic.jobs), len(todo))
+    if jobs <= 1 or len(todo) < ic.pool_min_items:
+        results = [decode_item(task(r)) for r in todo]
+    else:
+        # spawn: a forked child of a process that already ran torch threads can deadlock
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker) as ex:
+            results = list(ex.map(decode_item, (task(r) for r in todo), chunksize=max(1, len(todo) // (jobs * 4))))
+    for r, res in zip(todo, results, strict=True):
+        if res["ok"]:
+            r.decoded = res
+        else:
+            r.reject(res["reason"], res["message"])
+
+
+# ---------------------------------------------------------------------------------
+# quarantine
+# ---------------------------------------------------------------------------------
+
+_AUDIO_REASONS_PREFIX = ("audio_", "not_audio", "duration_mismatch")
+
+
+def _copy_to_quarantine(landing: Landing, row: Row, qdir: Path) -> str | None:
+    """Copy the offending file (audio for audio problems, else the manifest line) under ``qdir/<batch>/``.
+
+    Never copies anything from outside the landing zone and never overwrites an existing copy.
+    """
+    dest_dir = qdir / row.batch
+    stem = posixpath.basename(row.manifest_path).rsplit(".", 1)[0]
+    if row.audio_full and row.reason and row.reason.startswith(_AUDIO_REASONS_PREFIX):
+        name = f"{stem}-L{row.line_no}-{posixpath.basename(row.audio_full)}"
+        dest = dest_dir / name
+        if not dest.exists():
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".tmp-{name}.{uuid.uuid4().hex}")
+            with landing.fs.open(row.audio_full, "rb") as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, dest)
+        return str(dest)
+    name = f"{stem}-L{row.line_no}.jsonl"
+    dest = dest_dir / name
+    if not dest.exists():
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp-{name}.{uuid.uuid4().hex}")
+        tmp.write_bytes(row.line + b"\n")
+        os.replace(tmp, dest)
+    return str(dest)
+
+
+def _quarantine_table(rows: list[Row], landing: Landing, qdir: Path, copy: bool) -> pa.Table:
+    recs = []
+    for r in rows:
+        qcopy = None
+        if copy:
+            try:
+                qcopy = _copy_to_quarantine(landing, r, qdir)
+            except OSError as e:  # the quarantine record matters more than the copy
+                log.warning("could not copy %s to quarantine: %s", r.source, e)
+        recs.append(
+            {
+                "id": r.id,
+                "batch": r.batch,
+                "source": r.source,
+                "audio_filepath": r.audio_filepath,
+                "reason": r.reason,
+                "message": r.message,
+                "stage": "ingest",
+                "quarantined_copy": qcopy,
+            }
+        )
+    return pa.Table.from_pylist(recs, schema=QUARANTINE_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------
+# the cumulative manifest
+# ---------------------------------------------------------------------------------
+
+
+def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_manifest(path: str | os.PathLike[str]) -> pa.Table:
+    """Read an utterance manifest and conform it to :data:`UTTERANCE_SCHEMA`."""
+    return conform(pq.read_table(path), UTTERANCE_SCHEMA)
+
+
+def _merge(existing: list[dict[str, Any]], rows: list[Row], max_train_s: float) -> tuple[list[dict], int]:
+    """Add decoded rows to the existing records; an id already present with the same audio and
+    text is not new, with different content it is a ``duplicate_id`` rejection."""
+    by_id = {rec["id"]: rec for rec in existing}
+    out = list(existing)
+    n_new = 0
+    for r in rows:
+        if r.reason is not None or r.decoded is None:
+            continue
+        d = r.decoded
+        prev = by_id.get(r.id)
+        if prev is not None:
+            if prev["audio_hash"] != d["audio_hash"] or prev["text"] != r.text:
+                r.reject(
+                    "duplicate_id",
+                    f"id {r.id!r} was already ingested from {prev['source']} with different audio or text",
+                )
+            continue
+        rec = {
+            "id": r.id,
+            "audio_hash": d["audio_hash"],
+            "audio_path": d["audio_path"],
+            "duration_s": d["duration_s"],
+            "num_samples": d["num_samples"],
+            "sample_rate": None,  # filled below
+            "orig_sample_rate": d["orig_sample_rate"],
+            "orig_channels": d["orig_channels"],
+            "text": r.text,
+            "text_raw": r.text_raw,
+            "speaker": r.speaker,
+            "batch": r.batch,
+            "source": r.source,
+            "long_form": d["duration_s"] > max_train_s,
+        }
+        by_id[r.id] = rec
+        out.append(rec)
+        n_new += 1
+    for rec in out:
+        rec["long_form"] = bool(rec["duration_s"] > max_train_s)
+    return out, n_new
+
+
+# ---------------------------------------------------------------------------------
+# the step
+# ---------------------------------------------------------------------------------
+
+
+def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> dict[str, Any]:
+    t0 = time.monotonic()
+    ic = cfg.ingest
+    ws = DataWorkspace(cfg.paths.data_workspace, cfg.paths.dvc_remote)
+    manifests = landing.manifests(ic.manifest_glob)
+    log.info("ingest: %d manifest(s) in %s", len(manifests), landing.url)
+    if not manifests and not (ws.path / MANIFEST_REL).exists():
+        # nothing landed and nothing ingested before: most likely a wrong landing URL
+        raise LandingError(f"no manifests matching {ic.manifest_glob!r} in the landing zone {landing.url!r}")
+
+    timings: dict[str, float] = {}
+    rows: list[Row] = []
+    for m in manifests:
+        rows.extend(_parse_manifest(landing, m, ic.text))
+    # the same id twice in the landing zone: the first occurrence wins
+    seen: dict[str, str] = {}
+    for r in rows:
+        if r.reason is None and r.id is not None:
+            if r.id in seen:
+                r.reject("duplicate_id", f"id {r.id!r} already appears at {seen[r.id]}")
+            else:
+                seen[r.id] = r.source
+
+    timings["parse_s"] = time.monotonic() - t0
+    t_wait = time.monotonic()
+    with ws.lock(ic.lock_timeout_s):
+        timings["lock_wait_s"] = time.monotonic() - t_wait
+        ws.ensure()
+        (ws.path / RAW_DIR).mkdir(exist_ok=True)
+        t1 = time.monotonic()
+        _decode_all(landing, rows, cfg, ws.path)
+        timings["decode_s"] = time.monotonic() - t1
+        t1 = time.monotonic()
+        manifest_path = ws.path / MANIFEST_REL
+        existing_table = read_manifest(manifest_path) if manifest_path.exists() else None
+        existing = existing_table.to_pylist() if existing_table is not None else []
+        records, n_new = _merge(existing, rows, cfg.validate_.max_train_duration_s)
+        for rec in records:
+            rec["sample_rate"] = int(rec.get("sample_rate") or ic.target_sample_rate)
+        table = pa.Table.from_pylist(records, schema=UTTERANCE_SCHEMA)
+        if existing_table is None or not existing_table.equals(table):
+            _write_parquet_atomic(table, manifest_path)
+        head_before = ws.head()
+        md5s = ws.add([RAW_DIR, MANIFEST_DIR])
+        snapshot_md5 = hashlib.md5(f"{RAW_DIR}:{md5s[RAW_DIR]}\n{MANIFEST_DIR}:{md5s[MANIFEST_DIR]}".encode()).hexdigest()
+        tag = f"snapshot-{snapshot_md5[:12]}"
+        batches = sorted({r.batch for r in rows})
+        ws.commit_tag_push(
+            [RAW_DIR, MANIFEST_DIR],
+            f"ingest: snapshot {snapshot_md5[:12]} ({n_new} new rows; batches {', '.join(batches) or '-'})",
+            tag=tag,
+            push=ic.dvc_push,
+        )
+        commit = ws.head()
+        timings["dvc_s"] = time.monotonic() - t1
+        shutil.copyfile(manifest_path, tmp / "manifest.parquet")
+
+    bad = [r for r in rows if r.reason is not None]
+    qtable = _quarantine_table(bad, landing, Path(cfg.paths.quarantine_dir), ic.copy_quarantined)
+    pq.write_table(qtable, tmp / "quarantine.parquet")
+    reasons = dict(sorted(Counter(r.reason for r in bad).items()))
+    for r in bad:
+        log.warning("ingest: quarantined %s (%s): %s", r.source, r.reason, r.message)
+    return {
+        "manifest": "manifest.parquet",
+        "manifest_md5": file_md5(tmp / "manifest.parquet"),
+        "snapshot_md5": snapshot_md5,
+        "dvc_tag": tag,
+        "dvc_commit": commit,
+        "new_commit": commit != head_before,
+        "n_rows": table.num_rows,
+        "n_new": n_new,
+        "n_landing_rows": len(rows),
+        "quarantine": "quarantine.parquet",
+        "n_quarantined": len(bad),
+        "quarantine_reasons": reasons,
+        "batches": batches,
+        "workspace": str(ws.path),
+        "landing_fingerprint": fingerprint,
+        "wall_s": round(time.monotonic() - t0, 3),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def run(cfg: AsrflowConfig, inputs: StepInputs | None = None, force: bool = False) -> IngestResult:
+    """Ingest the landing zone (see the module docstring); keyed by the landing zone's content."""
+    landing = Landing(cfg.paths.landing_url)
+    fingerprint = landing.fingerprint()
+    key = step_key(
+        STEP,
+        {
+            "ingest": cfg.ingest,
+            "max_train_duration_s": cfg.validate_.max_train_duration_s,
+            "workspace": cfg.paths.data_workspace,
+            "dvc_remote": cfg.paths.dvc_remote,
+            "quarantine_dir": cfg.paths.quarantine_dir,
+        },
+        {"landing": fingerprint},
+        CODE_VERSION,
+    )
+    return run_step(cfg.root, STEP, key, lambda tmp: _work(cfg, landing, fingerprint, tmp), force=force)

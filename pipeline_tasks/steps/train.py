@@ -1,0 +1,118 @@
+"""The ``train`` step: full training with DeepSpeed, tracked in MLflow, resumable after a kill.
+
+``run(cfg, inputs)`` (step contract, inputs ``split`` and ``tune``):
+
+1. applies the tuned ``inputs["tune"]["best_overrides"]`` (dotted keys → values) to the config;
+2. keys the step by the train + model + features config, the split's train/dev md5s and the
+   overrides;
+3. trains with :func:`fit` into the step's temp folder, checkpointing into
+   ``<root>/checkpoints/train/<key>/`` — *outside* the temp folder, so a killed attempt's retry
+   resumes from the last checkpoint instead of starting over;
+4. publishes ``model/`` (packaging format, with lexicon + LM from the training transcripts),
+   ``history.json`` and ``curve.png``; then deletes the checkpoints (unless
+   ``train.keep_checkpoint_after_publish``).
+
+The training call itself is :func:`pipeline_tasks.services.fitting.fit`, shared with the tune step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline_tasks.config import AsrflowConfig, with_overrides
+from pipeline_tasks.contract import resolve, run_step, step_key
+from pipeline_tasks.records import StepInputs, TrainResult
+from pipeline_tasks.services.fitting import fit
+
+log = logging.getLogger(__name__)
+
+STEP = "train"
+CODE_VERSION = "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+# ---------------------------------------------------------------------------------------------
+def train_key(cfg: AsrflowConfig, split: dict[str, Any], overrides: dict[str, Any]) -> str:
+    """Key of a train run: its (override-applied) train/model/features config, data md5s, overrides."""
+    return step_key(
+        STEP,
+        {"train": cfg.train, "model": cfg.model, "features": cfg.features, "lm_order": cfg.decode.lm_order},
+        {"train_md5": split["train_md5"], "dev_md5": split["dev_md5"], "overrides": overrides},
+        CODE_VERSION,
+    )
+
+
+def checkpoint_dir_for(cfg: AsrflowConfig, key: str) -> Path:
+    """Where a keyed run checkpoints: outside the step's temp folder, so a retry finds it."""
+    return cfg.root / "checkpoints" / STEP / key
+
+
+def _find_or_start_run(cfg: AsrflowConfig, key: str):
+    """The MLflow run of this step key: an unfinished one (killed attempt) is resumed, not duplicated."""
+    import mlflow
+
+    from pipeline_tasks.services.tracking import mlflow_setup
+
+    exp_id = mlflow_setup(cfg)
+    runs = mlflow.search_runs(
+        experiment_ids=[exp_id],
+        filter_string=f"tags.`asrflow.step` = 'train' and tags.`asrflow.key` = '{key}'",
+        output_format="list",
+        max_results=5,
+    )
+    for r in runs:
+        if r.info.status != "FINISHED":
+            return mlflow.start_run(run_id=r.info.run_id)
+    return mlflow.start_run(run_name=f"train-{key}", tags={"asrflow.step": "train", "asrflow.key": key})
+
+
+def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> TrainResult:
+    split = inputs["split"]
+    overrides = dict((inputs.get("tune") or {}).get("best_overrides") or {})
+    tcfg = with_overrides(cfg, overrides)
+    key = train_key(tcfg, split, overrides)
+    ckdir = checkpoint_dir_for(cfg, key)
+
+    def work(tmp: Path) -> dict[str, Any]:
+        import mlflow
+
+        with _find_or_start_run(tcfg, key) as mrun:
+            mlflow.set_tags({"dev_md5": split["dev_md5"], "applied_overrides": json.dumps(overrides, sort_keys=True)})
+            res = fit(
+                tcfg,
+                resolve(split, split["train"]),
+                resolve(split, split["dev"]),
+                tmp,
+                checkpoint_dir=ckdir,
+            )
+        return {
+            "model_dir": "model",
+            "history": "history.json",
+            "curve": "curve.png",
+            "dev_wer": res["dev_wer"],
+            "dev_cer": res["dev_cer"],
+            "epochs": res["epochs"],
+            "steps": res["steps"],
+            "train_md5": split["train_md5"],
+            "dev_md5": split["dev_md5"],
+            "mlflow_run_id": mrun.info.run_id,
+            "train_hours": split.get("hours_train"),
+            "wall_s": res["wall_s"],
+            "train_s": res["train_s"],
+            "audio_s_per_s": res["audio_s_per_s"],
+            "stopped_early": res["stopped_early"],
+            "resumed_from": res["resumed_from"],
+            "params": res["params"],
+            "world_size": res["world_size"],
+            "applied_overrides": overrides,
+        }
+
+    result = run_step(cfg.root, STEP, key, work, force=force)
+    if not cfg.train.keep_checkpoint_after_publish and ckdir.exists():
+        shutil.rmtree(ckdir, ignore_errors=True)
+    return result
