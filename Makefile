@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.asrflow-installed
 PROFILE ?= local
 WEEK ?=
+WEEKS ?=
 ASRFLOW_ROOT ?= $(CURDIR)/artifacts/$(PROFILE)
 export PYTHONHASHSEED := 0
 
 # Debian packages the project needs (espeak-ng synthesizes the embedded corpus;
 # chromium + chromedriver drive the Airflow UI test; postgresql + redis for distributed mode).
-APT_PACKAGES := espeak-ng sox chromium chromium-driver postgresql redis-server
+APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite sox chromium chromium-driver postgresql redis-server
 APT_STAMP := $(VENV)/.apt-installed
 
 .PHONY: setup test pipeline-local bench lint airflow-ui clean-artifacts apt distributed-local distributed-stop distributed-status
@@ -40,9 +41,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# The whole asr_retraining DAG through Airflow (`airflow dags test`), e.g. `make pipeline-local WEEK=2`.
+# The whole asr_retraining DAG through Airflow (`airflow dags test`), e.g. `make pipeline-local WEEK=2`;
+# `make pipeline-local WEEKS=4` runs weeks 1..4 in order, each warm-started from the week before.
 pipeline-local: setup
-	$(BIN)/python -m devstack.local_run --profile $(PROFILE) $(if $(WEEK),--week $(WEEK),)
+	$(BIN)/python -m devstack.local_run --profile $(PROFILE) $(if $(WEEK),--week $(WEEK),) $(if $(WEEKS),--weeks $(WEEKS),)
 
 bench: setup
 	$(BIN)/pip install -q 'lhotse==1.33.*' urllib3

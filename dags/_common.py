@@ -33,10 +33,14 @@ def retrain_schedule() -> str | None:
 
 
 def profiles() -> list[str]:
-    """Profile names offered in the trigger form: ``configs/*.yaml``."""
+    """Profile names offered in the trigger form: ``configs/*.yaml``, limited to the default
+    profile's ``airflow.trigger_profiles`` when it lists any (prod: only ``prod``)."""
     from pipeline_tasks.config import CONFIG_DIR
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    allowed = task_settings()["trigger_profiles"]
+    if allowed:
+        names = [n for n in names if n in allowed]
     return names or [DEFAULT_PROFILE]
 
 
@@ -58,17 +62,41 @@ def task_settings() -> dict[str, Any]:
         "train_queue": a.train_queue,
         "retries": a.retries,
         "retry_delay": timedelta(seconds=a.retry_delay_s),
+        "execution_timeout": timedelta(seconds=a.execution_timeout_s),
+        "long_execution_timeout": timedelta(seconds=a.long_execution_timeout_s),
+        "trigger_profiles": list(a.trigger_profiles),
     }
 
 
-def retry_kwargs(retries: int | None = None) -> dict[str, Any]:
-    """Retries with exponential backoff for steps that can fail for transient reasons."""
+# tasks that may legitimately run for days on a big corpus: airflow.long_execution_timeout_s
+LONG_TASKS = frozenset({"train", "tune_worker"})
+
+
+def task_timeout(task_id: str | None = None) -> timedelta:
+    """The ``execution_timeout`` of a task: ``airflow.long_execution_timeout_s`` for the long tasks
+    (:data:`LONG_TASKS`) and when the task is not named, ``airflow.execution_timeout_s`` otherwise.
+
+    A finite timeout on every task means one hung task (a stuck mount, a dead NFS server, a hung
+    collective) fails and is retried instead of blocking every later run (``max_active_runs=1``)."""
+    s = task_settings()
+    return s["long_execution_timeout"] if task_id is None or task_id in LONG_TASKS else s["execution_timeout"]
+
+
+def default_args() -> dict[str, Any]:
+    """``default_args`` for the DAGs: no retries unless a task asks, and a finite execution timeout."""
+    return {"owner": "asrflow", "retries": 0, "execution_timeout": task_timeout("default")}
+
+
+def retry_kwargs(retries: int | None = None, task: str | None = None) -> dict[str, Any]:
+    """Retries with exponential backoff for steps that can fail for transient reasons, and the
+    task's finite ``execution_timeout`` (:func:`task_timeout`; without ``task``, the long one)."""
     s = task_settings()
     return {
         "retries": s["retries"] if retries is None else retries,
         "retry_delay": s["retry_delay"],
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(minutes=30),
+        "execution_timeout": task_timeout(task),
     }
 
 
@@ -131,36 +159,62 @@ def run_params() -> dict[str, Param]:
     }
 
 
+def _form_overrides(params: dict[str, Any]) -> list[str]:
+    """Overrides of the form's own typed, bounded fields (not allow-listed)."""
+    out: list[str] = []
+    if params.get("n_trials") is not None:
+        out.append(f"tune.n_trials={int(params['n_trials'])}")
+    if params.get("epochs") is not None:
+        out.append(f"train.epochs={int(params['epochs'])}")
+    return out
+
+
+def _user_overrides(params: dict[str, Any]) -> list[str]:
+    """The free-form ``overrides`` lines (checked against the profile's allow-list)."""
+    return [str(item).strip() for item in params.get("overrides") or [] if str(item).strip()]
+
+
 def overrides_from_params(params: dict[str, Any]) -> list[str]:
     """The config overrides a run's params stand for (the order matters: explicit overrides last)."""
     out: list[str] = []
     if params.get("landing_url"):
         out.append(f"paths.landing_url={params['landing_url']}")
-    if params.get("n_trials") is not None:
-        out.append(f"tune.n_trials={int(params['n_trials'])}")
-    if params.get("epochs") is not None:
-        out.append(f"train.epochs={int(params['epochs'])}")
-    for item in params.get("overrides") or []:
-        item = str(item).strip()
-        if item:
-            out.append(item)
-    return out
+    return out + _form_overrides(params) + _user_overrides(params)
 
 
 def run_config(params: dict[str, Any] | None = None):
-    """The typed config of the running task: ``load_config(params.profile, overrides)``.
+    """The typed config of the running task, from the run's params.
 
-    ``ASRFLOW_ROOT`` in the worker's environment points the profile at an artifact root.
+    A trigger is not a shell: the free-form ``overrides`` may only set the keys the profile's
+    ``airflow.trigger_override_allow`` lists, ``landing_url`` must fall under
+    ``airflow.allowed_landing_prefixes``, and no param value is ``${VAR}``-expanded
+    (:func:`pipeline_tasks.config.load_trigger_config`). A refused param fails the task at once
+    (no retries) with the reason in the task log. ``ASRFLOW_ROOT`` in the worker's environment
+    points the profile at an artifact root.
     """
-    from pipeline_tasks.config import load_config
+    from pipeline_tasks.config import TriggerOverrideError, load_trigger_config, redact_override
 
     if params is None:
         from airflow.sdk import get_current_context
 
         params = get_current_context()["params"]
-    overrides = overrides_from_params(params)
-    cfg = load_config(params.get("profile") or DEFAULT_PROFILE, overrides)
-    log.info("asrflow config: profile=%s root=%s overrides=%s", cfg.profile, cfg.root, overrides)
+    profile = params.get("profile") or DEFAULT_PROFILE
+    shown = [redact_override(o) for o in overrides_from_params(params)]
+    try:
+        if str(profile) not in profiles():
+            raise TriggerOverrideError(f"profile {profile!r} may not be triggered here (allowed: {profiles()})")
+        cfg = load_trigger_config(
+            profile,
+            overrides=_user_overrides(params),
+            landing_url=params.get("landing_url") or None,
+            form_overrides=_form_overrides(params),
+        )
+    except TriggerOverrideError as e:
+        from airflow.sdk.exceptions import AirflowFailException  # retrying will not help
+
+        log.error("asrflow: refused trigger params (profile=%s, overrides=%s): %s", profile, shown, e)
+        raise AirflowFailException(f"refused trigger params: {e}") from e
+    log.info("asrflow config: profile=%s root=%s overrides=%s", cfg.profile, cfg.root, shown)
     return cfg
 
 
@@ -173,8 +227,10 @@ def force_flag(params: dict[str, Any] | None = None) -> bool:
 
 
 def run_step(step: str, inputs: dict[str, dict]) -> dict:
-    """Run one pipeline step with the run's config; returns its small result record (the XCom)."""
+    """Run one pipeline step with the run's config; returns its small result record (the XCom),
+    with any credential in it masked (:func:`pipeline_tasks.config.redact_secrets`)."""
+    from pipeline_tasks.config import redact_secrets
     from pipeline_tasks.graph import run_one
 
     cfg = run_config()
-    return run_one(step, cfg, inputs, force=force_flag())
+    return redact_secrets(run_one(step, cfg, inputs, force=force_flag()))

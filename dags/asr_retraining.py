@@ -5,7 +5,7 @@ Runs every **Monday 03:00 UTC** (or when you press *Trigger*; `ASRFLOW_RETRAIN_S
 the scheduler's environment turns the weekly run off). It takes the speech batches
 that arrived in the landing zone, checks them against the data contracts, caches log-mel
 features, tunes hyperparameters on a proxy subset, trains the full model (GPU pool),
-evaluates it on the fixed golden set against the current champion, exports it to ONNX, and
+exports it to ONNX, evaluates the exported file on the fixed golden set against the current champion, and
 moves the MLflow alias **`staging`** to it only if the gate passes.
 
 | task | what it does |
@@ -16,9 +16,9 @@ moves the MLflow alias **`staging`** to it only if the gate passes.
 | `golden` | the fixed golden set (features), independent of the week's data |
 | `split` | train / dev / proxy split (golden utterances excluded) |
 | `tune_prepare` → `tune_worker` (mapped) → `tune_finalize` | Optuna study on the proxy set; workers share one study; finalize picks the best config |
-| `train` | full DeepSpeed training (pool `gpu_pool`) |
-| `evaluate` | golden-set WER/CER per slice, candidate vs champion, confidence interval → gate decision |
-| `export` | ONNX export + onnxruntime parity check (+ int8) |
+| `train` | DeepSpeed training, warm-started from the current model with replay of older weeks (pool `gpu_pool`) |
+| `export` | ONNX export + onnxruntime parity check (+ int8); picks the file that serves |
+| `evaluate` | golden-set WER/CER per slice of that exact file, vs the champion (production, else staging), CI → gate decision |
 | `promote_gate` | short-circuit: skips `promote` (reason logged and in XCom `skip_reason`) when the gate failed or **promote** is off |
 | `promote` | register the model version in MLflow and point `staging` at it |
 
@@ -161,13 +161,13 @@ def asr_retraining():
     def train(split_res: dict, tune_res: dict) -> dict:
         return run_step("train", {"split": split_res, "tune": tune_res})
 
-    @task(task_id="evaluate", multiple_outputs=False, **retry_kwargs())
-    def evaluate(train_res: dict, golden_res: dict) -> dict:
-        return run_step("evaluate", {"train": train_res, "golden": golden_res})
-
     @task(task_id="export", multiple_outputs=False, outlets=[CANDIDATE_MODEL])
-    def export(train_res: dict, golden_res: dict, evaluate_res: dict) -> dict:
-        return run_step("export", {"train": train_res, "golden": golden_res, "evaluate": evaluate_res})
+    def export(train_res: dict, golden_res: dict) -> dict:
+        return run_step("export", {"train": train_res, "golden": golden_res})
+
+    @task(task_id="evaluate", multiple_outputs=False, **retry_kwargs())
+    def evaluate(train_res: dict, golden_res: dict, export_res: dict) -> dict:
+        return run_step("evaluate", {"train": train_res, "golden": golden_res, "export": export_res})
 
     @task.short_circuit(task_id="promote_gate")
     def promote_gate(evaluate_res: dict, **context) -> bool:
@@ -198,8 +198,8 @@ def asr_retraining():
     worker_results = tune_worker.partial(split_res=spl).expand(worker_index=prep)
     tuned = tune_finalize(spl, worker_results)
     trained = train(spl, tuned)
-    ev = evaluate(trained, gold)
-    ex = export(trained, gold, ev)
+    ex = export(trained, gold)
+    ev = evaluate(trained, gold, ex)
     gate = promote_gate(ev)
     ex >> gate
     promoted = promote(ex, ev)

@@ -8,7 +8,8 @@ depend on the pipeline's config:
   decodable (the stored FLAC's header frame count equals ``num_samples``), stored sample rate
   and declared sample rate 16 kHz, duration within ``[min_duration_s, max_duration_s]``,
   non-empty normalized text, only allowed characters, a plausible characters-per-second ratio
-  (catches a transcript that belongs to other audio), unique id, well-formed content hash.
+  (catches a transcript that belongs to other audio), unique id, unique audio (the same audio under
+  two ids would land in both train and dev: the split hashes ids), well-formed content hash.
 * ``utterance_batch`` — one verdict per landing batch (e.g. ``week-001``) on a per-batch
   frame that holds every landing row of the batch, accepted or quarantined: at least
   ``min_utterances`` accepted, median duration of accepted rows within range, share of
@@ -40,7 +41,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-SUITES_VERSION = "1"
+SUITES_VERSION = "2"  # 2: unique audio_hash (duplicate_audio)
 ROW_SUITE = "utterance_rows"
 BATCH_SUITE = "utterance_batch"
 
@@ -138,6 +139,13 @@ def row_expectations(lim: ContractLimits) -> list[Any]:
         ),
         E.ExpectColumnValuesToBeUnique(
             column="id", meta={"reason": "duplicate_id", "description": "utterance ids are unique"}
+        ),
+        E.ExpectColumnValuesToBeUnique(
+            column="audio_hash",
+            meta={
+                "reason": "duplicate_audio",
+                "description": "each audio appears once (the same audio under two ids would reach train and dev)",
+            },
         ),
         E.ExpectColumnValuesToMatchRegex(
             column="audio_hash",

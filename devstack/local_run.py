@@ -14,7 +14,15 @@ From a fresh clone it
 
 The logical date is the Monday 03:00 UTC of the data week (week 1 = 2026-01-05), never
 "now", so a rerun on unchanged data is the same run again and every step is a cache hit.
-Nothing here imports Airflow: it drives the ``airflow`` command line.
+It drives the ``airflow`` command line and reads the run's state through Airflow's models
+(``devstack.airflow_state``).
+
+``--weeks N`` (``make pipeline-local WEEKS=N``) runs data weeks 1..N in order, each through the
+DAG on the batches landed by then (a hard-linked view per week, so reruns stay identical); each
+week's model warm-starts from the last one, and on profiles with
+``registry.auto_promote_production`` (local) a week whose gate passed also becomes
+``production``. The summary ends with a table: week, parent, training minutes, golden WER/CER
+overall and per slice, gate decision.
 """
 
 from __future__ import annotations
@@ -255,6 +263,9 @@ def summary(
             f"  P(better) {_fmt(ev.get('p_better'), 3)}  95% CI of ΔWER {_fmt(ev.get('ci95'))}"
         )
         say(f"  decision: {'PASS' if ev.get('passed') else 'FAIL'} — {ev.get('reason', '')}")
+        sl = _slices(ev)
+        if sl:
+            say("  per slice (WER): " + ", ".join(f"{k} {v:.3f}" for k, v in sl.items()))
     if tu.get("enabled"):
         say(
             f"tune: {tu.get('n_trials_complete')} complete + {tu.get('n_trials_pruned')} pruned trial(s), "
@@ -296,7 +307,122 @@ def summary(
             f"  {prefix}.venv/bin/asrflow transcribe --profile {cfg.profile} --model models:/{model}@staging "
             f"{sample or '<audio.wav>'}"
         )
-    return {"state": state, "run_id": run_id, "evaluate": ev, "promote": prom, "skip_reason": skip_reason}
+    return {"state": state, "run_id": run_id, "evaluate": ev, "promote": prom, "skip_reason": skip_reason,
+            "train": tr, "slices": _slices(ev)}
+
+
+def _slices(ev: dict[str, Any]) -> dict[str, float]:
+    """Candidate WER per golden slice (every kind but speakers, which are many), from the decision."""
+    if not ev.get("output_dir") or not ev.get("decision"):
+        return {}
+    try:
+        dec = json.loads((Path(ev["output_dir"]) / ev["decision"]).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        s["slice"]: float(s["wer_candidate"])
+        for s in dec.get("slices", [])[1:]
+        if s.get("kind") != "speaker" and s.get("wer_candidate") is not None
+    }
+
+
+def landing_view(cfg: AsrflowConfig, week: int) -> Path:
+    """A landing zone holding exactly the weeks up to ``week`` (hard links, no copies).
+
+    ``WEEKS=N`` runs week w on what had landed by week w, so a rerun of an old week sees the
+    same data as its first run (same keys, nothing retrained) even though later weeks have
+    landed since. The view lies under the artifact root; its batch folders keep their names.
+    """
+    landing = _local_path(cfg.paths.landing_url)
+    view = cfg.root / "landing_views" / f"upto-week-{week:03d}"
+    for w in landing_weeks(landing):
+        if w > week:
+            continue
+        src = landing / f"week-{w:03d}"
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            dst = view / src.name / f.relative_to(src)
+            if dst.exists():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".tmp-{dst.name}")
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(f, tmp)
+            except OSError:  # another filesystem: copy
+                import shutil
+
+                shutil.copy2(f, tmp)
+            os.replace(tmp, dst)
+    return view
+
+
+def run_week(
+    cfg: AsrflowConfig, env: dict[str, str], week: int, conf: dict[str, Any], t_start: float
+) -> tuple[int, dict[str, Any] | None]:
+    """One data week through the DAG; returns (exit code, summary)."""
+    ld = logical_date_for_week(week)
+    log_path = airflow_home(cfg) / f"local_run-{ld:%Y-%m-%d}.log"
+    run_started = time.time()
+    state, run_id = run_dag(cfg, env, ld, conf, log_path)
+    if run_id is None:
+        say(f"the DAG run did not start; see {log_path}")
+        tail = log_path.read_text().splitlines()[-25:]
+        say("\n".join(tail))
+        return 1, None
+    out = summary(cfg, env, run_id, state, time.monotonic() - t_start, run_started)
+    if state != "success":
+        say(f"the run {state}: see the task logs in {log_path}")
+        return 1, out
+    return 0, out
+
+
+def promote_week_to_production(cfg: AsrflowConfig, out: dict[str, Any]) -> str:
+    """``registry.auto_promote_production``: move production to the week's staged model (canary first)."""
+    from pipeline_tasks.steps import promote
+
+    if not out.get("evaluate", {}).get("passed") or not (out.get("promote") or {}).get("version"):
+        return "no (gate failed)"
+    res = promote.promote_production(cfg)
+    if res.get("promoted"):
+        return f"yes: v{res['version']} (canary WER {res.get('canary_wer', float('nan')):.3f})"
+    if res.get("already_production"):
+        return f"yes: v{res['version']} (already)"
+    return f"no ({res.get('reason')})"
+
+
+def weeks_table(rows: list[dict[str, Any]]) -> None:
+    """The per-week table that ends ``make pipeline-local WEEKS=N``."""
+    slices = sorted({k for r in rows for k in r.get("slices", {})})
+    say("")
+    say("══ weeks ══")
+    head = ["week", "version", "parent", "train min", "golden WER", "CER", "gate", "production", *slices]
+    table = [head]
+    for r in rows:
+        table.append([
+            str(r["week"]), str(r.get("version") or "–"), str(r.get("parent") or "–"), _fmt(r.get("train_min"), 1),
+            _fmt(r.get("wer"), 3), _fmt(r.get("cer"), 3), r.get("gate", "–"), r.get("production", "–"),
+            *[_fmt(r.get("slices", {}).get(k), 3) for k in slices],
+        ])
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    for row in table:
+        say("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def week_row(week: int, out: dict[str, Any] | None, production: str) -> dict[str, Any]:
+    out = out or {}
+    ev, tr, pr = out.get("evaluate") or {}, out.get("train") or {}, out.get("promote") or {}
+    lin = tr.get("lineage") or {}
+    return {
+        "week": week,
+        "version": pr.get("version"),
+        "parent": lin.get("parent_version") or (tr.get("parent") or {}).get("version") or "scratch",
+        "train_min": lin.get("train_minutes") if lin.get("train_minutes") is not None else (tr.get("train_s") or 0) / 60,
+        "wer": ev.get("candidate_wer"),
+        "cer": ev.get("candidate_cer"),
+        "gate": ("PASS" if ev.get("passed") else "FAIL") if ev else "–",
+        "production": production,
+        "slices": out.get("slices") or {},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="local", help="profile name in configs/ (default: local)")
     ap.add_argument("--week", type=int, default=None, help="add week N of synthetic data and retrain")
     ap.add_argument(
+        "--weeks", type=int, default=None,
+        help="run weeks 1..N in order, each through the DAG on the data landed by then (continual training)",
+    )
+    ap.add_argument(
         "--set", dest="overrides", action="append", default=[], help="config override key.sub=value"
     )
     ap.add_argument("--force", action="store_true", help="recompute every step")
@@ -313,10 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     t_start = time.monotonic()
-    cfg = load_config(args.profile)
-    if args.overrides:  # validate them here: a typo should fail before Airflow starts
-        load_config(args.profile, args.overrides)
+    # overrides apply here too (paths of the data this runner synthesizes), and a typo fails
+    # before Airflow starts
+    cfg = load_config(args.profile, args.overrides)
     say(f"asrflow pipeline-local: profile {cfg.profile}, artifact root {cfg.root}")
+    if args.weeks:
+        return run_weeks(cfg, args, t_start)
     week = ensure_data(cfg, args.week)
     env = airflow_env(cfg)
     t0 = time.monotonic()
@@ -327,20 +459,42 @@ def main(argv: list[str] | None = None) -> int:
     conf = {"profile": cfg.profile, "force": bool(args.force), "promote": not args.no_promote}
     if args.overrides:
         conf["overrides"] = list(args.overrides)
-    ld = logical_date_for_week(week)
-    log_path = airflow_home(cfg) / f"local_run-{ld:%Y-%m-%d}.log"
-    run_started = time.time()
-    state, run_id = run_dag(cfg, env, ld, conf, log_path)
-    if run_id is None:
-        say(f"the DAG run did not start; see {log_path}")
-        tail = log_path.read_text().splitlines()[-25:]
-        say("\n".join(tail))
-        return 1
-    summary(cfg, env, run_id, state, time.monotonic() - t_start, run_started)
-    if state != "success":
-        say(f"the run {state}: see the task logs in {log_path}")
-        return 1
-    return 0
+    rc, _ = run_week(cfg, env, week, conf, t_start)
+    return rc
+
+
+def run_weeks(cfg: AsrflowConfig, args: argparse.Namespace, t_start: float) -> int:
+    """``--weeks N``: weeks 1..N in order; each week's model starts from the previous week's."""
+    if not _is_local(cfg.paths.landing_url):
+        say("--weeks needs a local landing zone (it synthesizes the weeks and builds per-week views)")
+        return 2
+    env = airflow_env(cfg)
+    setup_airflow(cfg, env)
+    auto = cfg.registry.auto_promote_production and not args.no_promote
+    say(f"• {args.weeks} week(s); after a passed gate production moves to the week's model: "
+        f"{'yes (registry.auto_promote_production)' if auto else 'no (staging only; production stays manual)'}")
+    rows: list[dict[str, Any]] = []
+    rc = 0
+    for week in range(1, args.weeks + 1):
+        say("")
+        say(f"━━ week {week} ━━")
+        ensure_data(cfg, week)
+        view = landing_view(cfg, week)
+        conf = {"profile": cfg.profile, "force": bool(args.force), "promote": not args.no_promote,
+                "landing_url": str(view)}
+        rest = [o for o in args.overrides if not o.startswith("paths.landing_url=")]  # the view replaces it
+        if rest:
+            conf["overrides"] = rest
+        rc, out = run_week(cfg, env, week, conf, time.monotonic())
+        production = promote_week_to_production(cfg, out) if (auto and rc == 0 and out) else "–"
+        if production != "–":
+            say(f"production: {production}")
+        rows.append(week_row(week, out, production))
+        if rc:
+            break
+    weeks_table(rows)
+    say(f"total {time.monotonic() - t_start:.0f}s")
+    return rc
 
 
 if __name__ == "__main__":

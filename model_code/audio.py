@@ -42,6 +42,8 @@ AUDIO_EMPTY = "audio_empty"
 AUDIO_UNREADABLE = "audio_unreadable"
 AUDIO_MISSING = "audio_missing"
 AUDIO_NONFINITE = "audio_nonfinite"
+AUDIO_TOO_LONG = "audio_too_long"  # header declares more than max_duration_s
+AUDIO_TOO_LARGE = "audio_too_large"  # decoded size / channels / sample rate over a cap
 
 # formats whose header frame count is exact (MP3's is an estimate from the bitrate)
 _EXACT_FRAME_COUNT = {"FLAC", "OGG", "WAV", "WAVEX", "AIFF", "CAF", "W64", "RF64"}
@@ -164,14 +166,63 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int, block: int = 1 << 1
     return out.astype(np.float32)
 
 
+def check_header(
+    info,
+    name: str,
+    max_duration_s: float | None = None,
+    max_decoded_bytes: int | None = None,
+    max_channels: int | None = None,
+    max_sample_rate: int | None = None,
+) -> int | None:
+    """Refuse audio whose *header* declares too much, before any sample is decoded.
+
+    A few KB of FLAC silence can declare hours of audio (a decompression bomb); so can a WAV
+    header with an absurd sample rate or channel count (the resampler's filter grows with the
+    rate). Raises :class:`AudioDecodeError` (``audio_too_long`` / ``audio_too_large``); returns
+    the most frames :func:`load_audio` may decode (None: no cap), which also bounds a header
+    that lies about its length.
+    """
+    sr, ch, frames = int(info.samplerate), int(info.channels), int(info.frames)
+    if max_channels is not None and ch > max_channels:
+        raise AudioDecodeError(AUDIO_TOO_LARGE, f"{name}: {ch} channels (at most {max_channels})")
+    if max_sample_rate is not None and sr > max_sample_rate:
+        raise AudioDecodeError(AUDIO_TOO_LARGE, f"{name}: sample rate {sr} Hz (at most {max_sample_rate})")
+    caps = []
+    if max_duration_s is not None:
+        cap = int(max_duration_s * sr) + 1
+        if frames > cap:
+            raise AudioDecodeError(
+                AUDIO_TOO_LONG, f"{name}: header declares {frames / sr:.1f} s of audio (at most {max_duration_s:g} s)"
+            )
+        caps.append(cap)
+    if max_decoded_bytes is not None:
+        cap = max(int(max_decoded_bytes) // (4 * max(ch, 1)), 1)
+        if frames > cap:
+            raise AudioDecodeError(
+                AUDIO_TOO_LARGE,
+                f"{name}: would decode to {frames * ch * 4 / 2**20:.1f} MiB (at most {max_decoded_bytes / 2**20:.1f} MiB)",
+            )
+        caps.append(cap)
+    return min(caps) if caps else None
+
+
 def load_audio(
-    path_or_fileobj: str | os.PathLike[str] | IO[bytes], target_sr: int | None = 16000
+    path_or_fileobj: str | os.PathLike[str] | IO[bytes],
+    target_sr: int | None = 16000,
+    *,
+    max_duration_s: float | None = None,
+    max_decoded_bytes: int | None = None,
+    max_channels: int | None = None,
+    max_sample_rate: int | None = None,
 ) -> tuple[np.ndarray, int, int]:
     """Decode audio to a mono float32 waveform at ``target_sr``.
 
     Returns ``(wave (S,) float32, orig_sample_rate, orig_channels)``. Multi-channel audio
     is averaged to mono; any other rate (8 kHz, 44.1 kHz...) is resampled, never
-    rejected. ``target_sr=None`` keeps the original rate.
+    rejected. ``target_sr=None`` keeps the original rate. The ``max_*`` caps are checked
+    against the header before decoding (:func:`check_header`; ``audio_too_long`` /
+    ``audio_too_large``), and decoding stops after the capped number of frames whatever the
+    header says.
 
     Raises :class:`AudioDecodeError` with reason ``audio_missing`` (no such file),
     ``not_audio`` (not a format libsndfile recognises, e.g. text named ``.wav``),
@@ -207,10 +258,16 @@ def load_audio(
             raise AudioDecodeError(NOT_AUDIO, f"{name}: not a recognised audio format ({e})") from e
         if info.frames == 0 or info.samplerate <= 0:
             raise AudioDecodeError(AUDIO_EMPTY, f"{name}: no audio frames ({info.format}, {info.samplerate} Hz)")
+        max_frames = check_header(info, name, max_duration_s, max_decoded_bytes, max_channels, max_sample_rate)
         try:
-            data, sr = sf.read(f, dtype="float32", always_2d=True)
+            if max_frames is None:
+                data, sr = sf.read(f, dtype="float32", always_2d=True)
+            else:  # one frame over the cap tells a header that under-declares its length
+                data, sr = sf.read(f, frames=max_frames + 1, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, ValueError) as e:
             raise AudioDecodeError(AUDIO_TRUNCATED, f"{name}: decode failed part-way ({e})") from e
+        if max_frames is not None and data.shape[0] > max_frames:
+            raise AudioDecodeError(AUDIO_TOO_LONG, f"{name}: holds more audio than its header declares and the cap allows")
         channels = int(data.shape[1])
         if data.shape[0] == 0:
             raise AudioDecodeError(AUDIO_EMPTY, f"{name}: no audio frames")

@@ -15,6 +15,11 @@ calls (not atomic). Every rank therefore saves into the temporary tag ``.tmp-<ta
 barrier rank 0 fsyncs the files, renames the folder to ``<tag>`` (one ``os.replace``) and only
 then moves the ``latest.json`` pointer (another ``os.replace``). A process killed at any point
 leaves either the previous checkpoint as ``latest`` or the new one, never a half-written one.
+Saving a tag that already exists (the same step saved twice) first renames the old folder to
+``.old-<tag>`` and deletes it only after the new one is in place; a crash in that window is
+repaired on the next start (the ``.old-`` folder is renamed back). If ``latest.json`` points at
+nothing (or cannot be read), :meth:`CheckpointManager.latest` falls back to the newest complete
+checkpoint folder rather than starting again from step 0.
 
 Nothing here unpickles: the trainer state, including the RNG states, is JSON (python's
 ``random`` state as lists of ints, numpy's MT19937 state as a list of uint32, torch's CPU/CUDA
@@ -38,6 +43,7 @@ import torch
 
 LATEST = "latest.json"
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"  # a complete checkpoint being replaced by a new save of the same tag
 _TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -98,6 +104,14 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
     with open(tmp, "w") as f:
@@ -143,14 +157,30 @@ class CheckpointManager:
 
     # -------------------------------------------------------------- queries
     def latest(self) -> dict[str, Any] | None:
-        """The ``latest.json`` record (``tag``, ``step``...) or None when there is no checkpoint."""
+        """The ``latest.json`` record (``tag``, ``step``...) or None when there is no checkpoint.
+
+        When the pointer is missing, unreadable or names a folder that is gone, the newest
+        complete checkpoint folder is used instead (``fallback: True`` in the record)."""
         p = self.root / LATEST
-        if not p.exists():
+        rec = None
+        if p.exists():
+            try:
+                rec = json.loads(p.read_text())
+            except (OSError, ValueError):
+                rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("tag"), str) and _TAG_RE.match(rec["tag"]):
+            if (self.root / rec["tag"]).is_dir():
+                return rec
+        tags = self.tags()
+        if not tags:
             return None
-        rec = json.loads(p.read_text())
-        if not (self.root / rec["tag"]).is_dir():  # pointer without folder: treat as none
-            return None
-        return rec
+        tag = tags[-1]  # tags sort by step (zero-padded)
+        epoch = None
+        try:
+            epoch = json.loads((self.root / tag / "trainer_rank0.json").read_text()).get("epoch")
+        except (OSError, ValueError):
+            pass
+        return {"tag": tag, "step": int(_TAG_RE.match(tag).group(1)), "epoch": epoch, "fallback": True}
 
     def tags(self) -> list[str]:
         """Complete checkpoint tags, oldest first."""
@@ -159,12 +189,22 @@ class CheckpointManager:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _TAG_RE.match(p.name))
 
     def remove_stale(self) -> list[Path]:
-        """Delete ``.tmp-*`` leftovers of saves that were killed half-way (rank 0, no save running)."""
+        """Delete ``.tmp-*`` leftovers of saves that were killed half-way (rank 0, no save running).
+
+        A ``.old-<tag>`` folder is a complete checkpoint whose replacement was interrupted: it is
+        renamed back to ``<tag>`` when that folder is missing, else deleted."""
         removed = []
-        for p in self.root.iterdir() if self.root.exists() else []:
+        for p in sorted(self.root.iterdir()) if self.root.exists() else []:
             if p.name.startswith(TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)
+            elif p.name.startswith(OLD_PREFIX) and p.is_dir():
+                tag = p.name[len(OLD_PREFIX) :]
+                if _TAG_RE.match(tag) and not (self.root / tag).exists():
+                    os.replace(p, self.root / tag)  # the new copy never landed: keep the old one
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
         return removed
 
     # -------------------------------------------------------------- save / load
@@ -193,10 +233,19 @@ class CheckpointManager:
             _fault(f"mid_checkpoint:{step}")
             _fsync_tree(self.root / tmp_tag)
             final = self.root / tag
+            old = self.root / f"{OLD_PREFIX}{tag}"
             if final.exists():  # same step saved again (e.g. epoch end right after an interval save)
-                shutil.rmtree(final)
+                # never delete a complete checkpoint before its replacement is in place
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+                _fault(f"replace_checkpoint:{step}")
             os.replace(self.root / tmp_tag, final)
+            _fsync_dir(self.root)
             _write_json_atomic(self.root / LATEST, {"tag": tag, "step": int(step), "epoch": state.get("epoch")})
+            _fsync_dir(self.root)
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
             self._prune(keep_tag=tag)
         _barrier(self.world_size)
         return tag

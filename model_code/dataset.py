@@ -35,7 +35,7 @@ from model_code.feature_store import (  # noqa: F401  (re-exported: the shard la
     shard_table,
 )
 
-_INDEX_LIGHT_COLUMNS = ["id", "audio_hash", "shard", "row", "n_frames", "duration_s", "text", "speaker"]
+_INDEX_LIGHT_COLUMNS = ["id", "audio_hash", "shard", "row", "n_frames", "duration_s", "text", "speaker", "batch"]
 
 
 class FeatureTable:
@@ -53,6 +53,7 @@ class FeatureTable:
         self._texts: list[str] = t.column("text").to_pylist()
         self._speakers: list[str | None] = t.column("speaker").to_pylist()
         self._audio_hashes: list[str] = t.column("audio_hash").to_pylist()
+        self._batches: list[str] = t.column("batch").to_pylist()
         self._durations = t.column("duration_s").to_numpy().astype(np.float64)
         self._n_frames = t.column("n_frames").to_numpy().astype(np.int64)
         self._shards: list[str] = t.column("shard").to_pylist()
@@ -89,6 +90,10 @@ class FeatureTable:
 
     def audio_hashes(self) -> list[str]:
         return list(self._audio_hashes)
+
+    def batches(self) -> list[str]:
+        """The landing batch (data week) of each utterance."""
+        return list(self._batches)
 
     def durations(self) -> np.ndarray:
         """Seconds per utterance, float64 ``(N,)`` (no feature read)."""

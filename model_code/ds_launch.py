@@ -11,13 +11,31 @@ torch.distributed from the env vars the launcher sets (``RANK``, ``WORLD_SIZE``,
 
 Parent side: :func:`launch` starts the launcher, tails rank 0's ``events.jsonl`` (so the caller
 can log metrics live, e.g. to MLflow) and returns rank 0's result once every rank exited 0.
+
+No orphaned ranks (issue 13). torchrun starts each rank in its own session, so killing the
+launcher alone would leave the ranks running (holding GPUs, writing checkpoints). Therefore:
+
+* the launcher runs in its own process group and session, with a parent-death signal
+  (SIGTERM when the process that called :func:`launch` dies, even by SIGKILL), and when
+  :func:`launch` is interrupted (an Airflow timeout, a kill) it stops the whole group and
+  every rank registered for the run: SIGTERM, a grace period, then SIGKILL;
+* every rank (:func:`rank_guard`) dies with its launcher (``PR_SET_PDEATHSIG``), registers
+  itself in ``<checkpoint dir>/.ranks/<host>~<pid>`` and holds a shared ``flock`` on
+  ``<checkpoint dir>/.ranks.lock`` for as long as it lives;
+* before starting, :func:`launch` claims that lock exclusively (:func:`claim_ranks_dir`):
+  registered ranks of an earlier attempt still alive on this host are killed first, and
+  ranks alive on another host make the retry fail instead of writing into the same
+  checkpoint folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +44,152 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RANKS_DIR = ".ranks"
+RANKS_LOCK = ".ranks.lock"
+_PR_SET_PDEATHSIG = 1
+_guard_fd: int | None = None  # the shared flock a rank holds for its whole life
+
+
+# ------------------------------------------------------------------------------ process hygiene
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies (``PR_SET_PDEATHSIG``).
+    False where that is not available (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _launcher_preexec() -> None:  # runs in the launcher child between fork and exec
+    set_parent_death_signal(signal.SIGTERM)  # torchrun/deepspeed forward SIGTERM to their ranks
+
+
+def _pid_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def registered_ranks(ranks_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The ranks registered in ``ranks_dir`` (``host``, ``pid``, ``rank``), oldest first."""
+    out = []
+    for p in sorted((Path(ranks_dir) / RANKS_DIR).glob("*~*")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        rec["file"] = str(p)
+        out.append(rec)
+    return out
+
+
+def _signal_local_ranks(ranks_dir: Path, sig: int) -> list[int]:
+    """Send ``sig`` to the registered ranks alive on this host (checked to be ds_launch processes)."""
+    host, hit = socket.gethostname(), []
+    for rec in registered_ranks(ranks_dir):
+        pid = int(rec.get("pid", 0))
+        if rec.get("host") != host or pid <= 1 or pid == os.getpid():
+            continue
+        if _alive(pid) and "ds_launch" in _pid_cmdline(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                hit.append(pid)
+        elif not _alive(pid):
+            Path(rec["file"]).unlink(missing_ok=True)
+    return hit
+
+
+def rank_guard(ranks_dir: str | os.PathLike[str], rank: int | None = None) -> None:
+    """Rank side: die with the launcher, register this process, hold the shared run lock.
+
+    Called by :func:`main` in every rank before training starts."""
+    import fcntl
+
+    global _guard_fd
+    parent = os.getppid()
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:  # the launcher died before the signal was armed (we were re-parented)
+        os._exit(1)
+    d = Path(ranks_dir)
+    (d / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / RANKS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _guard_fd = fd
+    rec = {"host": socket.gethostname(), "pid": os.getpid(), "rank": rank, "started": time.time()}
+    (d / RANKS_DIR / f"{rec['host']}~{rec['pid']}").write_text(json.dumps(rec))
+
+
+def claim_ranks_dir(ranks_dir: str | os.PathLike[str], timeout_s: float = 60.0) -> None:
+    """Parent side, before a launch: make sure no rank of an earlier attempt still uses ``ranks_dir``.
+
+    Takes the run lock exclusively. While it is held (shared) by live ranks, those on this
+    host are killed; ranks alive elsewhere make this raise ``RuntimeError`` after ``timeout_s``
+    rather than let two trainings write one checkpoint folder. Then the registry is cleared."""
+    import fcntl
+
+    d = Path(ranks_dir)
+    (d / RANKS_DIR).mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / RANKS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        sig = signal.SIGTERM
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            if time.monotonic() > deadline:
+                alive = [f"{r.get('host')}:{r.get('pid')}" for r in registered_ranks(d)]
+                raise RuntimeError(
+                    f"ranks of an earlier training attempt still use {d} ({', '.join(alive) or 'unregistered'}); "
+                    "they run on another host or could not be stopped: stop them before retrying"
+                )
+            killed = _signal_local_ranks(d, sig)
+            if killed:
+                sig = signal.SIGKILL  # a second round does not ask politely
+            time.sleep(0.2)
+        for p in (d / RANKS_DIR).glob("*~*"):
+            p.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the exclusive lock: the new ranks take it shared
+
+
+def stop_launch(proc: subprocess.Popen, ranks_dir: str | os.PathLike[str] | None, grace_s: float = 10.0) -> None:
+    """Stop a launcher started by :func:`launch`: its whole process group and every registered
+    rank on this host (ranks live in sessions of their own), SIGTERM first, SIGKILL after ``grace_s``."""
+    d = Path(ranks_dir) if ranks_dir is not None else None
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        if d is not None:
+            _signal_local_ranks(d, sig)
+        t_end = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < t_end:
+            ranks_alive = d is not None and any(
+                r.get("host") == socket.gethostname() and _alive(int(r.get("pid", 0))) for r in registered_ranks(d)
+            )
+            if proc.poll() is not None and not ranks_alive:
+                break
+            time.sleep(0.1)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 def _free_port() -> int:
@@ -68,9 +232,13 @@ def launch(
 
     ``on_event`` gets every new JSON line of ``<out_dir>/events.jsonl`` while the ranks run.
     Output of the ranks goes to ``<out_dir>/launch.log``. Raises ``RuntimeError`` (with the log's
-    tail) if the launcher exits non-zero or rank 0 wrote no result.
+    tail) if the launcher exits non-zero or rank 0 wrote no result. The launcher runs in its own
+    process group; if this call is interrupted, the group and every rank are stopped (see the
+    module docstring), and ranks of an earlier attempt are stopped before it starts.
     """
     out_dir = Path(args.out_dir)
+    ranks_dir = Path(args.checkpoint_dir or args.out_dir)
+    claim_ranks_dir(ranks_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     args_path = out_dir / "train_args.json"
     args_path.write_text(args.to_json())
@@ -101,14 +269,21 @@ def launch(
                 on_event(json.loads(line))
 
     with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=penv, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=str(REPO_ROOT),
+            env=penv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop_launch signals all of it
+            preexec_fn=_launcher_preexec,  # noqa: PLW1509 - only prctl, no locks taken
+        )
         try:
             while proc.poll() is None:
                 time.sleep(poll_s)
                 drain()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            stop_launch(proc, ranks_dir)
             raise
     drain()
     if proc.returncode != 0 or not result_path.exists():
@@ -134,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     from model_code.training import TrainArgs, shutdown_distributed, train
 
     args = TrainArgs.from_json(Path(ns.args).read_text())
+    rank_guard(Path(args.checkpoint_dir or args.out_dir), rank=int(os.environ.get("RANK", "0")))
     try:
         train(args)
     finally:

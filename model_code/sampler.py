@@ -32,6 +32,15 @@ careless sampling). This sampler
 
 An utterance whose cost alone exceeds the budget gets a batch of its own (it is never dropped).
 
+**Replay** (continual training from a parent model): with ``new_mask`` (N,) bool, an epoch does
+not hold every utterance once but *every new utterance* (``new_repeats`` times) plus a sample of
+the old ones drawn without replacement with an RNG seeded by ``(seed, epoch)``, so that old ones
+make up ``replay_share`` of the epoch's utterances (all old ones at most). The model keeps
+seeing what it learned before (no forgetting) without spending most of a short budget on data it
+already knows (no overfitting to the newest week either: it is always mixed). Batches are then
+built from that multiset exactly as above, so the epoch's list still depends only on (seed,
+epoch, data) and resuming stays exact.
+
 Resuming: ``state_dict()`` = ``{epoch, batches already yielded on this rank, ...}``. After
 ``load_state_dict`` the next ``iter()`` regenerates the same epoch's list (it depends only on the
 seed, the epoch and the data) and skips what was already yielded, so the rest of the epoch is
@@ -78,6 +87,10 @@ class DynamicBucketingSampler:
         drop_last: drop each bucket's partly filled last batch and the global remainder.
         bucket_batch_sizes: optional max batch size per duration bucket: exactly
             :attr:`num_duration_buckets` ints (see :meth:`set_bucket_batch_sizes`).
+        new_mask: (N,) bool, which utterances are new (replay mode; ``None``: every utterance
+            once per epoch).
+        replay_share: in replay mode, the share of old utterances in an epoch, in [0, 1).
+        new_repeats: in replay mode, how many times each new utterance appears per epoch.
         sort_pool_batches: how many batches' worth of audio is sorted together (randomness vs.
             padding; larger → less padding, less variety between epochs).
         min_batches_per_bucket: fewer buckets than ``num_buckets`` when the data holds less than
@@ -102,6 +115,9 @@ class DynamicBucketingSampler:
         sort_pool_batches: int = 16,
         min_batches_per_bucket: int = 4,
         balance: bool = True,
+        new_mask: Sequence[bool] | np.ndarray | None = None,
+        replay_share: float = 0.0,
+        new_repeats: int = 1,
     ) -> None:
         self.durations = np.asarray(durations, dtype=np.float64)
         if self.durations.ndim != 1:
@@ -161,6 +177,18 @@ class DynamicBucketingSampler:
                 members = np.nonzero(in_b & (sub == s))[0]
                 if len(members):
                     self._buckets.append((b, members))
+
+        self.new_mask: np.ndarray | None = None
+        if new_mask is not None:
+            self.new_mask = np.asarray(new_mask, dtype=bool)
+            if self.new_mask.shape != self.durations.shape:
+                raise ValueError("new_mask must have the same length as durations")
+        if not 0.0 <= float(replay_share) < 1.0:
+            raise ValueError("replay_share must be in [0, 1)")
+        if int(new_repeats) < 1:
+            raise ValueError("new_repeats must be >= 1")
+        self.replay_share = float(replay_share)
+        self.new_repeats = int(new_repeats)
 
         self.epoch = 0
         self._yielded = 0
@@ -268,12 +296,34 @@ class DynamicBucketingSampler:
             batches.extend(self._balance(full))
         return batches, carry
 
+    def epoch_counts(self, epoch: int) -> np.ndarray:
+        """(N,) how many times each utterance appears in ``epoch`` (all ones without replay)."""
+        n = len(self.durations)
+        if self.new_mask is None:
+            return np.ones(n, dtype=np.int64)
+        counts = np.where(self.new_mask, self.new_repeats, 0).astype(np.int64)
+        old = np.nonzero(~self.new_mask)[0]
+        n_new = int(self.new_mask.sum()) * self.new_repeats
+        if n_new == 0:  # nothing new: the whole set once (a plain epoch)
+            return np.ones(n, dtype=np.int64)
+        want = int(round(self.replay_share / (1.0 - self.replay_share) * n_new))
+        k = min(want, len(old))
+        if k:
+            rng = np.random.default_rng([self.seed, epoch, 0x5E])  # its own stream: batching RNG untouched
+            counts[rng.choice(old, size=k, replace=False)] = 1
+        return counts
+
     def _global_batches(self, epoch: int) -> list[list[int]]:
         """Every rank's batches for ``epoch``, in order (depends only on seed, epoch and data)."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        counts = self.epoch_counts(epoch) if self.new_mask is not None else None
         batches: list[list[int]] = []
         leftovers: list[int] = []
         for _, members in self._buckets:
+            if counts is not None:
+                members = np.repeat(members, counts[members])
+                if not len(members):
+                    continue
             full, rest = self._bucket_batches(members, rng)
             batches.extend(full)
             leftovers.extend(rest)

@@ -93,6 +93,13 @@ class TrainArgs:
     record_batches: bool = False  # write each rank's utterance ids per step (tests)
     ds_shm_comm: bool = False  # DeepSpeed's shared-memory CPU all-reduce op (JIT-compiled, ~40 s once)
     log_every_steps: int = 1
+    # warm start: a packaged model's weights.pt (state_dict, loaded with weights_only=True) whose
+    # architecture equals model_kwargs; the caller checked compatibility. None: from scratch.
+    init_weights: str | None = None
+    # replay: {"new_batches": [...], "share": float, "new_repeats": int} — each epoch holds every
+    # utterance of new_batches (new_repeats times) plus old ones making up `share` of the epoch
+    # (model_code.sampler). None: every utterance once per epoch.
+    replay: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -463,6 +470,18 @@ def probe_bucket_batch_sizes(
     return [int(x) for x in sizes]
 
 
+def replay_kwargs(replay: dict[str, Any] | None, batches: list[str]) -> dict[str, Any]:
+    """Sampler arguments for ``TrainArgs.replay``: which utterances are new, and the mix."""
+    if not replay:
+        return {}
+    new_batches = set(replay.get("new_batches") or [])
+    return {
+        "new_mask": np.asarray([b in new_batches for b in batches], dtype=bool),
+        "replay_share": float(replay.get("share", 0.0)),
+        "new_repeats": int(replay.get("new_repeats", 1)),
+    }
+
+
 def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, Any]:
     import deepspeed
 
@@ -501,16 +520,20 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         token_lengths=[len(t) for t in token_ids] if sc.get("two_d_buckets") else None,
         num_token_buckets=int(sc.get("num_token_buckets", 1)) if sc.get("two_d_buckets") else 1,
         bucket_batch_sizes=sc.get("bucket_batch_sizes"),
+        **replay_kwargs(args.replay, table.batches()),
     )
     probed: list[int] | None = None
     if sc.get("use_memory_probe") and not sc.get("bucket_batch_sizes"):
         probed = probe_bucket_batch_sizes(args, sampler.bucket_max_durations(), device_type, rank, world)
         sampler.set_bucket_batch_sizes(probed)
     steps_per_epoch = len(sampler) // args.grad_accum  # optimizer steps (equal on every rank)
-    total_steps = max(steps_per_epoch * args.epochs, 1)
+    total_steps = max(steps_per_epoch * args.epochs, 1)  # (replay: epochs differ by a batch or two)
 
     # ---- model + engine
     model = ConformerCTC(**args.model_kwargs)
+    if args.init_weights:
+        # the parent's weights (a checkpoint of this run, if any, overrides them below)
+        model.load_state_dict(torch.load(args.init_weights, map_location="cpu", weights_only=True), strict=True)
     specaug = SpecAugment(**args.specaugment) if args.specaugment else None
     ds_config = build_ds_config(args, device_type)
     base_opt_params = [p for p in model.parameters() if p.requires_grad]
@@ -608,7 +631,7 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
             start_batch = sampler.state_dict()["batches_yielded"] if state.get("sampler") else 0
             batches = list(iter(sampler))  # the rest of this epoch (after a restored position)
             # whole optimizer steps only; every rank has the same count (sampler guarantees it)
-            n_use = (steps_per_epoch * args.grad_accum) - start_batch
+            n_use = (len(sampler) // args.grad_accum) * args.grad_accum - start_batch
             batches = batches[: max(n_use, 0)]
             loader = _loader(BatchDataset(table, token_ids, durations, batches), args.num_workers, args.seed + epoch)
             it = iter(loader)

@@ -5,6 +5,7 @@
     asrflow pipeline                     (every step, in one process, no Airflow)
     asrflow corpus generate|golden ...   (the embedded synthetic corpus)
     asrflow config show                  (the validated config, overrides applied)
+    asrflow lineage models:/asr/N        (a model's chain of parents, data and gate figures)
 
 A step run from the CLI first resolves its inputs by running its upstream steps; those
 are keyed and cached, so on a warm artifact root this only reads their results.
@@ -191,6 +192,36 @@ def promote_production_cmd(
     cfg = _load(profile, overrides)
     out = promote.rollback(cfg) if rollback else promote.promote_production(cfg)
     typer.echo(json.dumps(out, indent=2, sort_keys=True, default=str))
+
+
+@app.command("lineage")
+def lineage_cmd(
+    model: Annotated[str, typer.Argument(help="models:/asr/N or models:/asr@production")] = "models:/asr@production",
+    profile: ProfileOpt = "local",
+    overrides: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """The chain of parents of a model version: data snapshot, gate figures, training minutes."""
+    from pipeline_tasks.services.registry import lineage
+
+    cfg = _load(profile, overrides)
+    try:
+        chain = lineage(cfg, model)
+    except (ValueError, LookupError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    if as_json:
+        typer.echo(json.dumps(chain, indent=2, sort_keys=True))
+        return
+    for i, v in enumerate(chain):
+        al = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
+        new = ",".join(v["new_batches"]) or "–"
+        typer.echo(
+            f"{'  ' * i}v{v['version']}{al} ← {v['parent']}: snapshot {v['data_snapshot_tag'] or '?'}, "
+            f"new data {new} ({len(v['batches'])} batch(es) seen), {v['train_minutes'] or '?'} min of training, "
+            f"gate {'PASS' if v['gate_passed'] == 'true' else 'FAIL' if v['gate_passed'] else '?'} "
+            f"WER {v['gate_candidate_wer'] or '?'} vs v{v['gate_champion_version'] or '–'} {v['gate_champion_wer'] or ''}"
+        )
 
 
 @corpus_app.command("generate")

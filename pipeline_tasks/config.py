@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data; `configs/` at the repo root links here
@@ -41,14 +41,69 @@ class PathsConfig(_Section):
 
 
 class CorpusConfig(_Section):
-    """The embedded synthetic corpus (espeak-ng); used by `make pipeline-local` and tests."""
+    """The embedded synthetic corpus (espeak-ng + Festival, channel conditions; `synth.corpus`);
+    used by `make pipeline-local` and tests. The mix fields below go to ``synth.corpus.Mix``
+    (``Mix.from_config(cfg.corpus)``); the golden set's slices and ranges are fixed in code."""
 
     utterances_per_week: int = Field(400, ge=1)
     golden_utterances: int = Field(120, ge=1)
     seed: int = 1234
     long_form_share: float = Field(0.02, ge=0.0, le=1.0)
-    noise_snr_db: tuple[float, float] = (15.0, 40.0)
+    noise_snr_db: tuple[float, float] = (15.0, 40.0)  # light background noise on every row, clean ones too
     jobs: int = Field(0, ge=0)  # 0 = all cores
+    # share of each synthesizer besides espeak-ng (espeak gets the rest); flite is golden-only, refused here
+    synth_shares: dict[str, float] = {"festival": 0.35}
+    # share of rows with each channel condition (clean gets the rest); one condition per row
+    condition_shares: dict[str, float] = {
+        "reverb": 0.15,
+        "telephone": 0.10,
+        "noisy": 0.12,
+        "babble": 0.08,
+        "clipped": 0.05,
+    }
+    # week w gets min(1, w / N) of the shares above, of warp_share and of the condition strengths
+    # (ranges narrowed to their mild end): training from scratch on the full mix never left the CTC
+    # plateau (FINDINGS.md). 0 = the full mix from week 1
+    diversity_ramp_weeks: int = Field(4, ge=0)
+    warp_share: float = Field(0.3, ge=0.0, le=1.0)  # espeak rows with a pitch/formant warp (±100-300 cents)
+    festival_stretch: tuple[float, float] = (0.85, 1.2)  # Festival Duration_Stretch per utterance
+    level_dbfs: tuple[float, float] = (-20.0, -1.5)  # peak level of every row
+    reverb_rt60_s: tuple[float, float] = (0.2, 1.0)  # synthetic room impulse responses
+    noisy_snr_db: tuple[float, float] = (0.0, 15.0)  # white / pink / brown noise of `noisy` rows
+    babble_snr_db: tuple[float, float] = (0.0, 15.0)  # babble of `babble` rows
+    babble_talkers: tuple[int, int] = (3, 7)
+    clip_fraction: tuple[float, float] = (0.15, 0.5)  # `clipped` rows: clip level as a fraction of the peak
+
+    @field_validator("synth_shares", "condition_shares")
+    @classmethod
+    def _shares(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        if info.field_name == "synth_shares":
+            allowed = {"festival"}  # espeak is the rest; flite is golden-only
+        else:
+            allowed = {"reverb", "telephone", "noisy", "babble", "clipped"}  # clean is the rest
+        if "flite" in v:
+            raise ValueError("flite is the golden set's unseen synthesizer and is never trained on")
+        if set(v) - allowed:
+            raise ValueError(f"unknown keys {sorted(set(v) - allowed)}; allowed: {sorted(allowed)}")
+        if any(not 0.0 <= s <= 1.0 for s in v.values()) or sum(v.values()) > 1.0 + 1e-9:
+            raise ValueError(f"shares must be in [0, 1] and sum to at most 1, got {v}")
+        return v
+
+    @field_validator(
+        "noise_snr_db",
+        "festival_stretch",
+        "level_dbfs",
+        "reverb_rt60_s",
+        "noisy_snr_db",
+        "babble_snr_db",
+        "babble_talkers",
+        "clip_fraction",
+    )
+    @classmethod
+    def _low_high(cls, v: tuple) -> tuple:
+        if v[0] > v[1]:
+            raise ValueError(f"must be (low, high) with low <= high, got {v}")
+        return v
 
 
 class TextNormConfig(_Section):
@@ -78,6 +133,13 @@ class IngestConfig(_Section):
     # utterances decode in 2.9 s in-process vs 18.5 s with a fresh 2-process pool on the loaded CI box)
     pool_min_items: int = Field(512, ge=1)
     copy_quarantined: bool = True  # copy the offending source file under paths.quarantine_dir/<batch>/
+    # hardening (issue 13): checked from the audio header *before* decoding (a 23 KB FLAC of silence
+    # can declare hours of audio); the duration cap is validate.max_duration_s
+    max_decoded_mb: float = Field(512.0, gt=0)  # decoded float32 samples (all channels) of one file
+    max_channels: int = Field(16, ge=1)
+    max_sample_rate: int = Field(384000, ge=8000)
+    max_manifest_line_bytes: int = Field(1 << 20, ge=1024)  # a longer manifest line is quarantined
+    decode_batch: int = Field(0, ge=0)  # files in flight at once in the decode pool; 0 = 4 x jobs
 
 
 class ValidateConfig(_Section):
@@ -183,6 +245,24 @@ class TrainConfig(_Section):
     keep_checkpoint_after_publish: bool = False  # keep <root>/checkpoints/train/<key>/ once the model is published
     ds_shm_comm: bool = False  # DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op, ~40 s once)
     build_lm: bool = True  # ship a lexicon + n-gram LM built from the training transcripts with the model
+    # -- continual training: start from a registered model and fine-tune on the new weeks ----------
+    # auto: the `production` model, else `staging`, else from scratch (an incompatible parent:
+    # scratch, with the reason recorded); scratch; production; staging; models:/<name>/<N>; or a
+    # path to a packaged model folder (weights.pt + model.json). A named parent that does not fit
+    # the config is an error.
+    init_from: str = "auto"
+    finetune_lr_factor: float = Field(0.3, gt=0, le=1)  # peak LR of a warm-started run = lr × this
+    finetune_warmup_steps: int = Field(20, ge=0)  # warm runs need little warmup
+    replay_share: float = Field(0.5, ge=0, lt=1)  # share of older weeks' utterances in each warm epoch
+    new_data_repeats: int = Field(1, ge=1)  # times each new utterance appears per warm epoch
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("auto", "scratch", "production", "staging") or v.startswith("models:/") or "/" in v or v.endswith(".pt"):
+            return v
+        raise ValueError("train.init_from: auto | scratch | production | staging | models:/<name>/<N> | a path")
 
 
 class SearchParam(_Section):
@@ -195,6 +275,7 @@ class SearchParam(_Section):
     step: float | None = None
     choices: list[Any] | None = None
     condition: dict[str, Any] | None = None  # only sampled when another param has this value
+    warm_only: bool = False  # only sampled when the trials warm-start (fine-tuning LR factor, replay share)
 
     @model_validator(mode="after")
     def _check(self) -> SearchParam:
@@ -219,8 +300,10 @@ class TuneConfig(_Section):
     proxy_fraction: float = Field(1.0, gt=0, le=1)  # of the proxy split
     multi_objective: bool = False
     # what trials minimize: dev WER; or dev CER / dev CTC loss where low-fidelity trials all sit
-    # at WER 1.0 (the loss ranks trials even while their greedy output is still all blanks)
-    metric: Literal["dev_wer", "dev_cer", "dev_loss"] = "dev_wer"
+    # at WER 1.0 (the loss ranks trials even while their greedy output is still all blanks);
+    # auto: dev WER when the trials warm-start from a parent model (their WER is a real signal),
+    # dev loss when they start from scratch
+    metric: Literal["dev_wer", "dev_cer", "dev_loss", "auto"] = "dev_wer"
     heartbeat_interval_s: int = 20
     grace_period_s: int = 60
     fidelity_check_top_k: int = 0  # 0 disables the proxy-vs-higher-fidelity rank correlation
@@ -233,6 +316,9 @@ class TuneConfig(_Section):
     trial_max_minutes: float | None = None  # wall-clock cap passed to fit for one trial
     latency_max_utts: int = Field(32, ge=1)  # dev utterances timed for the multi-objective latency
     plots: bool = True  # optimization history / intermediate values / importances plots (HTML + PNG)
+    # a worker stops after this many failed trials in a row (NaN scores, crashes): failed trials
+    # also count toward n_trials, so a study whose trials all fail ends instead of looping forever
+    max_consecutive_failures: int = Field(3, ge=1)
     space: dict[str, SearchParam] = Field(default_factory=dict)
 
 
@@ -277,6 +363,10 @@ class RegistryConfig(_Section):
     model_name: str = "asr"
     canary_max_wer: float = 0.6
     canary_max_utts: int = Field(2000, ge=1)  # newest-week dev utterances the canary decodes (at most)
+    # `make pipeline-local WEEKS=N` (devstack.local_run): after a week whose gate passed, also move
+    # `production` to it (canary included), so the next week starts from it. Production promotion
+    # stays manual wherever this is false (the prod profile).
+    auto_promote_production: bool = False
 
 
 class AirflowConfig(_Section):
@@ -285,6 +375,32 @@ class AirflowConfig(_Section):
     retries: int = 2
     retry_delay_s: int = 30
     train_queue: str = "default"
+    # hardening (issue 13): one hung task must not block every later run (max_active_runs=1)
+    execution_timeout_s: float = Field(6 * 3600.0, gt=0)  # every task but the long ones
+    long_execution_timeout_s: float = Field(72 * 3600.0, gt=0)  # train, tune workers
+    # config keys a *trigger* (the DAG form's `overrides`) may set: fnmatch patterns on the dotted
+    # key. The CLI (`--set`) is not limited: whoever runs it already has the machine. Default: the
+    # training and model sections and the tuning budget; prod.yaml lists a strict set.
+    trigger_override_allow: list[str] = Field(
+        default_factory=lambda: [
+            "train.*",
+            "model.*",
+            "tune.enabled",
+            "tune.n_trials",
+            "tune.n_workers",
+            "tune.epochs",
+            "tune.timeout_s",
+            "tune.trial_max_minutes",
+            "tune.proxy_fraction",
+        ]
+    )
+    # profiles a trigger may pick (the form's enum); empty: every shipped profile. Read from the
+    # scheduler's default profile (ASRFLOW_PROFILE): prod lists only itself, so a trigger cannot
+    # pick a developer profile whose allow-list is "*"
+    trigger_profiles: list[str] = Field(default_factory=list)
+    # where the form's `landing_url` may point: URL / folder prefixes ({root} = paths.root; "*" =
+    # anywhere). Empty: only the profile's own paths.landing_url and folders below it.
+    allowed_landing_prefixes: list[str] = Field(default_factory=list)
 
 
 class AsrflowConfig(_Section):
@@ -423,6 +539,178 @@ def expand_env(value: str) -> str:
     return _ENV_REF.sub(sub, value)
 
 
+# profile values that may hold ${VAR} references (server URLs: ports, hosts, credentials). They
+# are expanded in the profile file's own values only, before any override is applied: a value
+# from an override or a trigger param is never expanded (``tune.storage=${SECRET}`` from the
+# Airflow form must not resolve a secret of the worker's environment into the config).
+_ENV_EXPANDED_KEYS = ("tune.storage", "registry.tracking_uri", "registry.artifact_location")
+
+
+def _norm_key(key: str) -> str:
+    return ".".join(p for p in key.strip().split(".") if p)
+
+
+def _expand_profile_env(data: dict[str, Any], overridden: set[str]) -> None:
+    """Expand ``${VAR}`` in the profile's :data:`_ENV_EXPANDED_KEYS` (in place), except for keys
+    an override replaces anyway (so an overridden profile value needs no environment)."""
+    for dotted in _ENV_EXPANDED_KEYS:
+        parts = dotted.split(".")
+        if any(".".join(parts[:i]) in overridden for i in range(1, len(parts) + 1)):
+            continue
+        node: Any = data
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(parts[-1]), str):
+            node[parts[-1]] = expand_env(node[parts[-1]])
+
+
+# ---------------------------------------------------------------------------------
+# secrets: redaction of everything logged, stored in XCom or sent to MLflow
+# ---------------------------------------------------------------------------------
+
+REDACTED = "***"
+# a key whose last component names a secret (password, db_password, aws_secret_access_key, api_key...)
+_SECRET_KEY = re.compile(
+    r"(?i)(^|[_.\-])(password|passwd|pwd|secret|token|api_?key|access_?key|private_?key|credentials?|auth)($|[_.\-])"
+)
+# userinfo of a URL: scheme://user:password@host or scheme://token@host
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<auth>[^/?#\s]*)@")
+_URL_SECRET_QUERY = re.compile(
+    r"(?i)(?P<k>[?&;](?:[A-Za-z0-9_.\-]*(?:password|passwd|pwd|secret|token|api_?key|access_?key|signature|credential)"
+    r"[A-Za-z0-9_.\-]*|sig)=)[^&#\s]*"
+)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config/record key names a credential (``password``, ``aws_secret_access_key``...)."""
+    last = str(key).rsplit(".", 1)[-1]
+    return bool(_SECRET_KEY.search(last))
+
+
+def redact_url(value: str) -> str:
+    """``value`` with URL credentials masked: ``user:pw@`` → ``user:***@``, ``token@`` → ``***@``,
+    ``?password=x`` / ``?token=x`` / ``?X-Amz-Signature=x`` → ``...=***``. Other text is unchanged."""
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, colon, _ = m.group("auth").partition(":")  # up to the authority's last '@'
+        return f"{m.group('scheme')}{user}:{REDACTED}@" if colon else f"{m.group('scheme')}{REDACTED}@"
+
+    out = _URL_USERINFO.sub(userinfo, value)
+    return _URL_SECRET_QUERY.sub(lambda m: m.group("k") + REDACTED, out)
+
+
+def redact_secrets(obj: Any, key: str = "") -> Any:
+    """A copy of ``obj`` (dicts, lists, strings, scalars; a pydantic model is dumped first) with
+    every credential masked: values under a key named like a secret, and URL userinfo / secret
+    query parameters inside any string. Use it on every config or record that is logged, pushed
+    to XCom or sent to MLflow."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json", by_alias=True)
+    if key and is_secret_key(key) and obj not in (None, "", [], {}) and not isinstance(obj, (dict, bool)):
+        return REDACTED
+    if isinstance(obj, dict):
+        return {k: redact_secrets(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_secrets(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_url(obj)
+    return obj
+
+
+def redact_override(item: str) -> str:
+    """A ``key=value`` override as it may be logged: the value masked when the key names a secret."""
+    key, sep, value = str(item).partition("=")
+    if sep and is_secret_key(_norm_key(key)):
+        return f"{key}={REDACTED}"
+    return redact_url(str(item))
+
+
+# ---------------------------------------------------------------------------------
+# what a trigger (the Airflow form) may change
+# ---------------------------------------------------------------------------------
+
+
+class TriggerOverrideError(ValueError):
+    """A trigger tried to set a config key or landing zone its profile does not allow."""
+
+
+def _under_prefix(value: str, prefix: str) -> bool:
+    if prefix == "*":
+        return True
+    if _is_url(value) or _is_url(prefix):
+        if not (_is_url(value) and _is_url(prefix)):
+            return False
+        if "\x00" in value or any(seg in ("..", ".") for seg in value.split("://", 1)[1].split("/")):
+            return False  # no traversal inside a URL
+        p = prefix.rstrip("/")
+        return value.rstrip("/") == p or value.startswith(p + "/")
+    try:
+        v, p = os.path.realpath(value), os.path.realpath(prefix)
+    except (ValueError, OSError):
+        return False
+    return v == p or v.startswith(p.rstrip(os.sep) + os.sep)
+
+
+def check_landing_url(cfg: AsrflowConfig, profile_cfg: AsrflowConfig) -> None:
+    """Raise :class:`TriggerOverrideError` unless ``cfg.paths.landing_url`` (already resolved)
+    falls under one of ``profile_cfg.airflow.allowed_landing_prefixes`` (default: the profile's
+    own landing zone)."""
+    url = cfg.paths.landing_url
+    root = profile_cfg.paths.root
+    prefixes = list(profile_cfg.airflow.allowed_landing_prefixes) or [profile_cfg.paths.landing_url]
+    resolved = []
+    for pre in prefixes:
+        pre = pre.replace("{root}", root)
+        if pre != "*" and not _is_url(pre) and not os.path.isabs(os.path.expanduser(pre)):
+            pre = str(Path(root) / pre)
+        resolved.append(pre if pre == "*" or _is_url(pre) else os.path.expanduser(pre))
+    if not any(_under_prefix(url, pre) for pre in resolved):
+        raise TriggerOverrideError(
+            f"landing_url {redact_url(url)!r} is not under an allowed landing prefix of profile "
+            f"{profile_cfg.profile!r} (airflow.allowed_landing_prefixes: {[redact_url(p) for p in resolved]})"
+        )
+
+
+def check_trigger_overrides(profile_cfg: AsrflowConfig, overrides: list[str]) -> None:
+    """Raise :class:`TriggerOverrideError` naming every override whose key the profile's
+    ``airflow.trigger_override_allow`` patterns do not match."""
+    from fnmatch import fnmatchcase
+
+    allow = list(profile_cfg.airflow.trigger_override_allow)
+    bad = []
+    for item in overrides:
+        key = _norm_key(str(item).split("=", 1)[0])
+        if not any(fnmatchcase(key, pat) for pat in allow):
+            bad.append(key or str(item))
+    if bad:
+        raise TriggerOverrideError(
+            f"the trigger may not set {', '.join(repr(b) for b in bad)}: profile {profile_cfg.profile!r} "
+            f"allows only {allow} (airflow.trigger_override_allow); change the profile file, or run the "
+            "step from the CLI with --set"
+        )
+
+
+def load_trigger_config(
+    profile: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+    landing_url: str | None = None,
+    form_overrides: list[str] | None = None,
+) -> AsrflowConfig:
+    """The config of a triggered run: ``overrides`` typed by the person who triggered it must
+    match the profile's allow-list, ``landing_url`` must fall under an allowed prefix, and no
+    value from either is ``${VAR}``-expanded. ``form_overrides`` are overrides the form's own
+    typed fields stand for (``tune.n_trials``, ``train.epochs``): bounded by the form, not
+    allow-listed. Everything applies in the order landing_url, form_overrides, overrides."""
+    base = load_config(profile)
+    user = [str(o) for o in overrides or []]
+    check_trigger_overrides(base, user)
+    pre = [f"paths.landing_url={landing_url}"] if landing_url else []
+    cfg = load_config(profile, pre + list(form_overrides or []) + user)
+    if landing_url:
+        check_landing_url(cfg, base)
+    return cfg
+
+
 def _resolve_paths(cfg: AsrflowConfig, base: Path) -> AsrflowConfig:
     """Make ``paths.root`` absolute (relative to ``base``) and the other paths absolute under it."""
     p = cfg.paths
@@ -441,12 +729,13 @@ def _resolve_paths(cfg: AsrflowConfig, base: Path) -> AsrflowConfig:
             vp = Path(os.path.expanduser(val))
             updates[name] = str(vp if vp.is_absolute() else Path(root) / vp)
     new_paths = p.model_copy(update=updates)
-    fmt = {"root": root}
-    tune = cfg.tune.model_copy(update={"storage": expand_env(cfg.tune.storage).format(**fmt)})
+    # ${VAR} was expanded in the profile's values before overrides (_expand_profile_env); only
+    # {root} is filled here, by plain replacement (str.format would also evaluate {root.attr})
+    tune = cfg.tune.model_copy(update={"storage": cfg.tune.storage.replace("{root}", root)})
     reg = cfg.registry.model_copy(
         update={
-            "tracking_uri": expand_env(cfg.registry.tracking_uri).format(**fmt),
-            "artifact_location": expand_env(cfg.registry.artifact_location).format(**fmt),
+            "tracking_uri": cfg.registry.tracking_uri.replace("{root}", root),
+            "artifact_location": cfg.registry.artifact_location.replace("{root}", root),
         }
     )
     return cfg.model_copy(update={"paths": new_paths, "tune": tune, "registry": reg})
@@ -479,6 +768,7 @@ def load_config(
     data.setdefault("profile", path.stem)
     env_root = os.environ.get("ASRFLOW_ROOT")
     pre = [f"paths.root={env_root}"] if env_root else []
+    _expand_profile_env(data, {_norm_key(str(o).split("=", 1)[0]) for o in overrides or []})
     data = apply_overrides(data, pre + list(overrides or []))
     cfg = AsrflowConfig.model_validate(data)
     return _resolve_paths(cfg, base_dir or REPO_ROOT)

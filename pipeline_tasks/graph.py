@@ -59,8 +59,8 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("split", ("featurize", "golden")),
     StepSpec("tune", ("split",), fan_out=("prepare", "worker")),
     StepSpec("train", ("split", "tune")),
-    StepSpec("evaluate", ("train", "golden")),
-    StepSpec("export", ("train", "golden", "evaluate")),
+    StepSpec("export", ("train", "golden")),
+    StepSpec("evaluate", ("train", "golden", "export")),  # the gate judges the exported file
     StepSpec("promote", ("export", "evaluate"), gated=True),
 )
 

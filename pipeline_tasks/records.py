@@ -63,6 +63,8 @@ class FeaturizeResult(StepResult, total=False):
     n_shards_written: int
     audio_hours_computed: float
     cache_dir: str
+    snapshot_md5: str | None  # the DVC snapshot the features come from
+    dvc_tag: str | None
 
 
 class GoldenResult(StepResult, total=False):
@@ -85,6 +87,13 @@ class SplitResult(StepResult, total=False):
     n_proxy: int
     n_golden_excluded: int
     hours_train: float
+    hours_dev: float
+    hours_proxy: float
+    golden_md5: str
+    feature_hash: str
+    index_md5: str
+    snapshot_md5: str | None
+    dvc_tag: str | None
 
 
 class TuneResult(StepResult, total=False):
@@ -127,6 +136,9 @@ class TrainResult(StepResult, total=False):
     params: int
     world_size: int
     applied_overrides: dict[str, Any]
+    init: str  # "warm" | "scratch"
+    parent: dict[str, Any]  # services.parent.Parent.record()
+    lineage: dict[str, Any]  # batches, new_batches, parent_version, snapshot, train minutes
 
 
 class EvaluateResult(StepResult, total=False):
@@ -140,6 +152,11 @@ class EvaluateResult(StepResult, total=False):
     candidate_cer: float
     champion_wer: float | None
     champion_version: str | None
+    champion_alias: str | None  # "production" | "staging"
+    staging_version: str | None  # staging, judged too when it is not the champion
+    staging_wer: float | None
+    beats_staging: bool | None
+    served: str
     p_better: float | None
     ci95: list[float] | None
     mlflow_run_id: str
@@ -148,6 +165,10 @@ class EvaluateResult(StepResult, total=False):
 
 
 class ExportResult(StepResult, total=False):
+    served: str  # "int8" | "fp32": the file the gate judges and promote registers
+    served_onnx: str
+    served_md5: str
+    torch_model_dir: str  # absolute: the train step's packaged model (weights.pt, model.json)
     onnx: str
     onnx_md5: str
     onnx_int8: str | None

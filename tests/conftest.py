@@ -20,6 +20,8 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@asrflow.invalid")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")  # dvc / mlflow telemetry off
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# configs/prod.yaml takes its Optuna DB password from the environment (a secret in infra/)
+os.environ.setdefault("ASRFLOW_OPTUNA_DB_PASSWORD", "test-only-password")
 
 TINY_UTTERANCES = 48
 TINY_GOLDEN = 16

@@ -135,3 +135,70 @@ def test_a_regular_install_ships_the_profiles_and_the_lexicon(tmp_path):
     assert {f"pipeline_tasks/configs/{n}" for n in profiles} <= names
     assert "synth/corpus_data/lexicon.txt" in names
     assert any(n.startswith("devstack/") for n in names) and any(n.startswith("pipeline_tasks/steps/tune/") for n in names)
+
+
+# ------------------------------------------------------------------------------ safe defaults (issue 13)
+_SECRET_VAR = re.compile(r"\$\{([A-Z0-9_]*(?:PASSWORD|SECRET|USER|USERNAME|KEY)[A-Z0-9_]*)(:?[-?=+])?([^}]*)\}")
+
+
+def test_compose_requires_every_secret_and_has_no_fallbacks():
+    text = (INFRA / "docker-compose.yaml").read_text()
+    assert "change-me" not in text.lower()
+    refs = _SECRET_VAR.findall(text)
+    assert {r[0] for r in refs} >= {
+        "POSTGRES_PASSWORD", "AIRFLOW_JWT_SECRET", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
+        "ASRFLOW_OPTUNA_DB_PASSWORD", "ASRFLOW_MLFLOW_DB_PASSWORD", "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    }  # fmt: skip
+    for name, op, _ in refs:
+        assert op == ":?", f"${{{name}}} must be required (${{{name}:?...}}), not {op or 'optional'}"
+    # no credential written out in a URL of the compose file
+    assert not re.search(r"://[^/\s:@$]+:(?!\$\{)[^@\s]+@", text), "a URL carries a literal password"
+
+
+def test_postgres_init_has_no_literal_password_and_gives_mlflow_its_own_role():
+    sql = (INFRA / "postgres-init.sql").read_text()
+    assert not re.search(r"PASSWORD\s+'", sql, re.I), "a literal password in postgres-init.sql"
+    assert re.search(r"CREATE ROLE mlflow\b", sql) and re.search(r"CREATE DATABASE mlflow OWNER mlflow\b", sql)
+    assert "\\getenv optuna_password ASRFLOW_OPTUNA_DB_PASSWORD" in sql
+
+
+def test_mlflow_server_has_its_own_role_basic_auth_and_allowed_hosts(compose):
+    prod = load_config("prod")
+    mlflow = compose["services"]["mlflow"]
+    cmd = " ".join(str(mlflow["command"]).split())
+    assert "--app-name basic-auth" in cmd
+    backend = re.search(r"--backend-store-uri (\S+)", cmd).group(1)
+    assert urlparse(backend).username == "mlflow" and urlparse(backend).password is None
+    hosts = re.search(r"--allowed-hosts (\S+)", cmd).group(1).split(",")
+    tracking = urlparse(prod.registry.tracking_uri)
+    assert f"{tracking.hostname}:{tracking.port}" in hosts  # the Host header the workers send
+    env = mlflow["environment"]
+    assert {"MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"} <= set(env)
+    ini = (INFRA / "mlflow" / "basic_auth.ini").read_text()
+    assert not [ln for ln in ini.splitlines() if ln.strip().startswith(("admin_password", "admin_username"))]
+    workers = compose["x-airflow-common"]["environment"]
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "ASRFLOW_OPTUNA_DB_PASSWORD"} <= set(workers)
+    assert '"mlflow[auth]"' in (INFRA / "Dockerfile").read_text()  # Flask-WTF for the basic-auth app
+
+
+def test_no_development_auth_manager_and_a_finite_default_task_timeout(compose):
+    env = compose["x-airflow-common"]["environment"]
+    values = yaml.safe_load((INFRA / "k8s" / "airflow-values.yaml").read_text())
+    for manager in (env["AIRFLOW__CORE__AUTH_MANAGER"], values["config"]["core"]["auth_manager"]):
+        assert "SimpleAuthManager" not in manager and manager.endswith("FabAuthManager")
+    assert 0 < int(env["AIRFLOW__CORE__DEFAULT_TASK_EXECUTION_TIMEOUT"]) <= 7 * 24 * 3600
+    assert 0 < int(values["config"]["core"]["default_task_execution_timeout"]) <= 7 * 24 * 3600
+    secrets = {s["envName"] for s in values["secret"]}
+    assert {"ASRFLOW_OPTUNA_DB_PASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= secrets
+
+
+def test_prod_profile_holds_no_password_and_a_strict_trigger_allow_list():
+    from pipeline_tasks.config import CONFIG_DIR
+
+    raw = yaml.safe_load((CONFIG_DIR / "prod.yaml").read_text())
+    storage = urlparse(raw["tune"]["storage"])
+    assert storage.password == "${ASRFLOW_OPTUNA_DB_PASSWORD}"  # from the environment, never the file
+    allow = raw["airflow"]["trigger_override_allow"]
+    assert "*" not in allow and not any(p.split(".")[0] in {"gate", "paths", "registry", "airflow"} for p in allow)
+    assert raw["airflow"]["trigger_profiles"] == ["prod"] and "*" not in raw["airflow"]["allowed_landing_prefixes"]

@@ -25,6 +25,7 @@ of long-lived Airflow workers.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -189,6 +190,35 @@ class DataWorkspace:
         if not outs or "md5" not in outs[0]:
             raise WorkspaceError(f"{dvc_file} has no md5 entry")
         return str(outs[0]["md5"])
+
+    def tracked_files(self, path: str) -> set[str] | None:
+        """The files (relative to ``path``) that ``<path>.dvc`` records for a DVC-tracked folder,
+        read from the ``.dir`` listing in the local DVC cache; ``None`` when ``path`` is not
+        tracked yet or its listing is not in the cache (then nobody can tell what it held)."""
+        try:
+            md5 = self.md5(path)
+        except WorkspaceError:
+            return None
+        if not md5.endswith(".dir"):
+            return None
+        candidates = [
+            self.path / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:],  # DVC 3
+            self.path / ".dvc" / "cache" / md5[:2] / md5[2:],  # DVC 2
+        ]
+        listing = next((c for c in candidates if c.is_file()), None)
+        if listing is None:
+            cache = self.dvc("cache", "dir", check=False).stdout.strip()
+            for c in (Path(cache) / "files" / "md5" / md5[:2] / md5[2:], Path(cache) / md5[:2] / md5[2:]):
+                if cache and c.is_file():
+                    listing = c
+                    break
+        if listing is None:
+            return None
+        try:
+            entries = json.loads(listing.read_text())
+        except (OSError, ValueError):
+            return None
+        return {str(e["relpath"]) for e in entries if isinstance(e, dict) and "relpath" in e}
 
     # -- mutation ----------------------------------------------------------------
     def _commit_if_staged(self, message: str) -> bool:

@@ -46,13 +46,17 @@ def model_kwargs(cfg: AsrflowConfig, vocab_size: int) -> dict[str, Any]:
     }
 
 
-def make_tokenizer(cfg: AsrflowConfig, texts: list[str], saved: Path | None = None):
-    """Char tokenizer, or BPE trained on ``texts``; reuses ``saved`` (a resumed run) if it exists."""
+def make_tokenizer(cfg: AsrflowConfig, texts: list[str], saved: Path | None = None, parent=None):
+    """The parent's tokenizer (warm start), else char, or BPE trained on ``texts``; reuses
+    ``saved`` (a resumed run) if it exists."""
     from model_code.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
 
     if saved is not None and saved.exists():
         return tokenizer_from_dict(json.loads(saved.read_text()))
-    tok = CharTokenizer() if cfg.model.vocab == "char" else BPETokenizer.train(texts, cfg.model.bpe_vocab_size)
+    if parent is not None and parent.warm:
+        tok = tokenizer_from_dict(parent.info()["tokenizer"])
+    else:
+        tok = CharTokenizer() if cfg.model.vocab == "char" else BPETokenizer.train(texts, cfg.model.bpe_vocab_size)
     if saved is not None:
         write_json_atomic(saved, tok.to_dict())
     return tok
@@ -69,12 +73,20 @@ def train_args(
     max_minutes: float | None = None,
     checkpoint_dir: Path | None = None,
     meta: dict[str, Any] | None = None,
+    parent=None,
+    new_batches: list[str] | None = None,
 ):
-    """:class:`model_code.training.TrainArgs` from the typed config (the only place they meet)."""
+    """:class:`model_code.training.TrainArgs` from the typed config (the only place they meet).
+
+    A warm start (``parent.warm``) loads the parent's weights, uses the fine-tuning schedule (peak
+    LR ``lr × finetune_lr_factor``, ``finetune_warmup_steps``) and replays older weeks
+    (``replay_share`` of each epoch; every utterance of ``new_batches`` each epoch).
+    """
     from model_code.features import feature_kwargs
     from model_code.training import TrainArgs
 
     t = cfg.train
+    warm = parent is not None and parent.warm
     return TrainArgs(
         train_index=str(train_index),
         dev_index=str(dev_index) if dev_index else None,
@@ -84,9 +96,9 @@ def train_args(
         model_kwargs=model_kwargs(cfg, tokenizer.vocab_size),
         feature_kwargs=feature_kwargs(cfg.features),
         epochs=int(epochs if epochs is not None else t.epochs),
-        lr=t.lr,
+        lr=t.lr * t.finetune_lr_factor if warm else t.lr,
         weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
+        warmup_steps=t.finetune_warmup_steps if warm else t.warmup_steps,
         schedule=t.schedule,
         min_lr_ratio=t.min_lr_ratio,
         grad_clip=t.grad_clip,
@@ -110,6 +122,10 @@ def train_args(
         lm_order=cfg.decode.lm_order,
         meta=dict(meta or {}),
         ds_shm_comm=t.ds_shm_comm,
+        init_weights=str(Path(parent.model_dir) / "weights.pt") if warm else None,
+        replay={"new_batches": list(new_batches or []), "share": t.replay_share, "new_repeats": t.new_data_repeats}
+        if warm
+        else None,
     )
 
 
@@ -213,6 +229,8 @@ def fit(
     max_minutes: float | None = None,
     checkpoint_dir: Path | None = None,
     mlflow_tags: dict[str, str] | None = None,
+    parent=None,
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``train_index``, evaluating on ``dev_index`` each epoch; write ``out_dir``.
 
@@ -235,16 +253,30 @@ def fit(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_index, dev_index = Path(train_index), Path(dev_index) if dev_index else None
-    texts = FeatureTable(train_index, in_memory=False).texts()
+    from pipeline_tasks.services.parent import new_batches as parent_new_batches
+
+    table = FeatureTable(train_index, in_memory=False)
+    texts, batches = table.texts(), sorted(set(table.batches()))
     tok_path = Path(checkpoint_dir) / "tokenizer.json" if checkpoint_dir else None
     if tok_path is not None:
         tok_path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(cfg, texts, tok_path)
+    tokenizer = make_tokenizer(cfg, texts, tok_path, parent=parent)
     train_md5 = file_md5(train_index)
-    meta = {"train_md5": train_md5, "git_commit": git_commit(), "profile": cfg.profile}
+    warm = parent is not None and parent.warm
+    fresh = parent_new_batches(parent, batches) if warm else batches
+    lineage = {
+        "batches": batches,  # every landing batch this model has seen (its parent's included)
+        "new_batches": fresh,
+        "parent_version": (parent.version or parent.source) if warm else "scratch",
+        "parent_source": parent.source if parent is not None else "scratch",
+        "init_reason": parent.reason if parent is not None else "no parent given",
+    }
+    if warm:
+        lineage["batches"] = sorted(set(batches) | set(parent.batches))
+    meta = {**(meta or {}), "train_md5": train_md5, "git_commit": git_commit(), "profile": cfg.profile, **lineage}
     args = train_args(
         cfg, train_index, dev_index, out_dir, tokenizer, epochs=epochs, max_minutes=max_minutes,
-        checkpoint_dir=checkpoint_dir, meta=meta,
+        checkpoint_dir=checkpoint_dir, meta=meta, parent=parent, new_batches=fresh,
     )
 
     # ---- MLflow run
@@ -273,7 +305,9 @@ def fit(
             except Exception as e:  # a resumed run already holds these params
                 log.info("mlflow params not logged again: %s", e)
         track("set tags", lambda: mlflow.set_tags(
-            {"train_md5": train_md5, "git_commit": meta["git_commit"], **(mlflow_tags or {})}
+            {"train_md5": train_md5, "git_commit": meta["git_commit"], "asrflow.parent_version": lineage["parent_version"],
+             "asrflow.init": "warm" if warm else "scratch", "asrflow.init_reason": lineage["init_reason"][:4000],
+             **(mlflow_tags or {})}
         ))
 
         def epoch_cb(epoch: int, rec: dict[str, Any]) -> None:
@@ -339,4 +373,6 @@ def fit(
         "params": int(res["params"]),
         "world_size": int(res["world_size"]),
         "train_md5": train_md5,
+        "init": "warm" if warm else "scratch",
+        "lineage": lineage,
     }

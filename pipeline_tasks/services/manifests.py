@@ -4,9 +4,11 @@ A manifest line is a JSON object with NeMo's field names (``audio_filepath``, ``
 ``text``; asrflow adds optional ``id`` and ``speaker``). :func:`parse_lines` turns bytes into
 :class:`ManifestLine` records and never raises: a line that is not UTF-8, not JSON, or not an
 object carries a machine ``reason`` and a readable ``message`` instead of a record, so ingest
-can quarantine it and go on. :func:`read_manifest` is the strict form for inputs a person
-points at (the golden set, a manifest to transcribe): the first bad line is an error that
-names ``path:line``.
+can quarantine it and go on. :func:`iter_lines` streams a manifest from a file object with a
+cap on the length of one line (a multi-GB line with no newline is one bad row, not an
+out-of-memory kill). :func:`read_manifest` is the strict form for inputs a person points at
+(the golden set, a manifest to transcribe): the first bad line is an error that names
+``path:line``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+# a line longer than this is quarantined unread (ingest.max_manifest_line_bytes)
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+_KEEP_OF_LONG_LINE = 1024  # bytes of an over-long line kept for the quarantine copy
 
 
 class ManifestError(ValueError):
@@ -32,8 +38,57 @@ class ManifestLine:
     message: str | None = None
 
 
+class LongLine(bytes):
+    """The head of a manifest line longer than the cap (:func:`iter_lines`); ``size`` = its full length."""
+
+    size: int = 0
+
+
+def iter_lines(f: IO[bytes], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, chunk: int = 1 << 16) -> Iterator[bytes]:
+    """The lines of a binary stream (without ``\\n``), read ``chunk`` bytes at a time. A line
+    longer than ``max_line_bytes`` is not kept in memory: it comes back as a :class:`LongLine`
+    holding its first bytes, and the rest of it is skipped."""
+    buf = bytearray()
+    long: LongLine | None = None
+    long_size = 0
+    while True:
+        data = f.read(chunk)
+        if not data:
+            break
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            piece = data[start:] if nl < 0 else data[start:nl]
+            if long is not None:
+                long_size += len(piece)
+            else:
+                buf += piece
+                if len(buf) > max_line_bytes:
+                    long = LongLine(bytes(buf[:_KEEP_OF_LONG_LINE]))
+                    long_size = len(buf)
+                    buf.clear()
+            if nl < 0:
+                break
+            if long is not None:
+                long.size = long_size
+                yield long
+                long = None
+            else:
+                yield bytes(buf)
+                buf.clear()
+            start = nl + 1
+    if long is not None:
+        long.size = long_size
+        yield long
+    elif buf:
+        yield bytes(buf)
+
+
 def _parse_one(i: int, raw: bytes) -> ManifestLine:
     out = ManifestLine(i, raw)
+    if isinstance(raw, LongLine):
+        out.reason, out.message = "manifest_bad_row", f"line {i} is {raw.size} bytes long (longer than the line cap)"
+        return out
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -57,6 +112,9 @@ def _parse_one(i: int, raw: bytes) -> ManifestLine:
 def parse_lines(lines: Iterable[bytes]) -> Iterator[ManifestLine]:
     """Every non-blank line as a :class:`ManifestLine` (1-based line numbers); never raises."""
     for i, raw in enumerate(lines, start=1):
+        if isinstance(raw, LongLine):
+            yield _parse_one(i, raw)
+            continue
         raw = raw.rstrip(b"\r\n")
         if raw.strip():
             yield _parse_one(i, raw)

@@ -22,6 +22,16 @@ from typing import Any
 
 from pipeline_tasks.config import AsrflowConfig
 
+# aliases and tags of registered versions (the registry's vocabulary, shared by evaluate and promote)
+STAGING = "staging"
+PRODUCTION = "production"
+PREVIOUS = "previous-production"
+TAG_CANDIDATE = "asrflow.candidate_key"  # the export key a version was registered from
+TAG_STAGED = "asrflow.staged"
+TAG_ROLLED_BACK = "asrflow.rolled_back"
+TAG_CHAMPION_VERSION = "asrflow.gate_champion_version"  # what the gate compared it against
+TAG_CHAMPION_ALIAS = "asrflow.gate_champion_alias"
+
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -38,11 +48,15 @@ def registry_client(cfg: AsrflowConfig):
 
 def alias_version(cfg: AsrflowConfig, alias: str, name: str | None = None, client=None):
     """The ``ModelVersion`` an alias points to, or ``None`` (no such model or alias)."""
+    return alias_version_client(client or registry_client(cfg), name or cfg.registry.model_name, alias)
+
+
+def alias_version_client(client, name: str, alias: str):
+    """:func:`alias_version` with a client at hand."""
     from mlflow.exceptions import MlflowException
 
-    client = client or registry_client(cfg)
     try:
-        return client.get_model_version_by_alias(name or cfg.registry.model_name, alias)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
@@ -108,3 +122,79 @@ def resolve_model(cfg: AsrflowConfig, model: str | os.PathLike[str]) -> tuple[Pa
     return p.resolve(), {"model": str(p.resolve())}
 
 
+
+
+def champion_version(cfg: AsrflowConfig, candidate_key: str, client=None):
+    """The version a candidate is judged against: ``production``, else ``staging``, else none.
+
+    Returns ``(ModelVersion | None, alias | None)``. When that alias already points at *this*
+    candidate (registered and promoted by an earlier run of the same inputs), the champion is the
+    one it was judged against then (its ``asrflow.gate_champion_version`` tag), so a rerun
+    reaches the same decision instead of comparing the model with itself.
+    """
+    client = client or registry_client(cfg)
+    name = cfg.registry.model_name
+    for alias in (PRODUCTION, STAGING):
+        mv = alias_version(cfg, alias, name, client)
+        if mv is None:
+            continue
+        if mv.tags.get(TAG_CANDIDATE) == candidate_key:
+            ver = mv.tags.get(TAG_CHAMPION_VERSION)
+            if not ver or ver in ("None", "none", "null"):
+                return None, None
+            return client.get_model_version(name, ver), mv.tags.get(TAG_CHAMPION_ALIAS) or alias
+        return mv, alias
+    return None, None
+
+
+def version_ref(mv, alias: str | None = None) -> dict[str, Any] | None:
+    """A small JSON-able record of a version (what step keys and results hold)."""
+    if mv is None:
+        return None
+    return {"name": mv.name, "version": str(mv.version), "source": str(mv.source), "alias": alias}
+
+
+def lineage(cfg: AsrflowConfig, model: str, client=None, max_depth: int = 500) -> list[dict[str, Any]]:
+    """The chain of parents of a registered version, newest first (``models:/asr/N`` or ``@alias``).
+
+    Each entry: ``version``, ``parent`` (version or ``scratch``), the data snapshot (DVC tag and
+    md5), the batches it had seen and the new ones, training minutes, gate figures, aliases.
+    """
+    m = _MODELS_URI.match(str(model))
+    if not m:
+        raise ValueError(f"{model}: use models:/<name>/<version> or models:/<name>@<alias>")
+    client = client or registry_client(cfg)
+    name = m.group("name")
+    mv = alias_version(cfg, m.group("alias"), name, client) if m.group("alias") else client.get_model_version(
+        name, m.group("version")
+    )
+    if mv is None:
+        raise LookupError(f"{model}: no such version")
+    aliases: dict[str, list[str]] = {}
+    for a, v in (client.get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(str(v), []).append(a)
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while mv is not None and str(mv.version) not in seen and len(chain) < max_depth:
+        seen.add(str(mv.version))
+        t = mv.tags
+        chain.append({
+            "version": str(mv.version),
+            "aliases": sorted(aliases.get(str(mv.version), [])),
+            "parent": t.get("asrflow.parent_version", "unknown"),
+            "data_snapshot_tag": t.get("asrflow.data_snapshot_tag"),
+            "data_snapshot_md5": t.get("asrflow.data_snapshot_md5"),
+            "train_md5": t.get("asrflow.train_md5"),
+            "batches": [b for b in (t.get("asrflow.batches") or "").split(",") if b],
+            "new_batches": [b for b in (t.get("asrflow.new_batches") or "").split(",") if b],
+            "train_minutes": t.get("asrflow.train_minutes"),
+            "gate_passed": t.get("asrflow.gate_passed"),
+            "gate_candidate_wer": t.get("asrflow.gate_candidate_wer"),
+            "gate_champion_version": t.get("asrflow.gate_champion_version"),
+            "gate_champion_wer": t.get("asrflow.gate_champion_wer"),
+            "gate_ci95": t.get("asrflow.gate_ci95"),
+            "onnx_file": t.get("asrflow.onnx_file"),
+        })
+        parent = t.get("asrflow.parent_version")
+        mv = client.get_model_version(name, parent) if parent and parent.isdigit() else None
+    return chain

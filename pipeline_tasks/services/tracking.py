@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.config import REPO_ROOT, AsrflowConfig
+from pipeline_tasks.config import REPO_ROOT, AsrflowConfig, redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,12 @@ def git_commit() -> str:
 
 
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten a nested config dict to ``a.b.c -> str`` for ``mlflow.log_params``."""
+    """Flatten a nested config dict to ``a.b.c -> str`` for ``mlflow.log_params``, credentials
+    masked (:func:`pipeline_tasks.config.redact_secrets`: URL userinfo such as the Optuna
+    storage's password, any key named like a secret). MLflow params are readable by everyone
+    with access to the experiment and cannot be deleted."""
     out: dict[str, str] = {}
-    for k, v in d.items():
+    for k, v in redact_secrets(d).items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flat_params(v, key + "."))

@@ -48,7 +48,7 @@ from pipeline_tasks.services.golden_features import golden_features
 log = logging.getLogger(__name__)
 
 STEP = "evaluate"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: judges the served ONNX file; champion production, else staging
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,53 +151,32 @@ def decide(
 # ---------------------------------------------------------------------------------------------
 
 
-def _decoder_files(lm: dict[str, str] | None) -> tuple[str | None, str | None]:
-    if not lm:
-        return None, None
-    return lm.get("lexicon"), lm.get("arpa")
+def _decode_all(cfg: AsrflowConfig, golden: dict[str, Any], models: dict[str, Path]) -> dict[str, Any]:
+    """Golden-set hypotheses of each ONNX file in ``models`` (``candidate``, ``champion``, ``staging``).
 
-
-def _decode_all(
-    cfg: AsrflowConfig,
-    golden: dict[str, Any],
-    candidate_dir: Path,
-    champion_onnx: Path | None,
-) -> dict[str, Any]:
-    """Hypotheses of the candidate (torch) and the champion (onnxruntime) on the golden set."""
-    from model_code.onnx_export import torch_run_fn
-    from model_code.onnx_runtime import CtcDecoder, OnnxAsr, batched_logprobs
-    from model_code.packaging import load_model_dir
+    Every model is decoded from the exact file that serves (or will): its own tokenizer, log-mel
+    front end and lexicon + LM (from the ONNX metadata), all with ``gate.decode``; if one of them
+    ships no lexicon/LM, all are decoded greedily, so the comparison stays fair.
+    """
+    from model_code.onnx_runtime import CtcDecoder, OnnxAsr
 
     d = cfg.decode
-    model, tok, info = load_model_dir(candidate_dir)
-    feats_c = golden_features(cfg, golden, info["features"])
-    hop, sr = int(info["features"]["hop_length"]), int(info["features"]["sample_rate"])
-    chunk, overlap = int(round(d.chunk_s * sr / hop)), int(round(d.chunk_overlap_s * sr / hop))
-    cand_lex, cand_lm = _decoder_files(info.get("lm"))
-
-    champ = None
-    if champion_onnx is not None:
-        champ = OnnxAsr(champion_onnx, decode="greedy", chunk_s=d.chunk_s, chunk_overlap_s=d.chunk_overlap_s)
-        champ_lex, champ_lm = champ.lexicon_path, champ.lm_path
-
+    asrs = {k: OnnxAsr(p, decode="greedy", chunk_s=d.chunk_s, chunk_overlap_s=d.chunk_overlap_s) for k, p in models.items()}
     mode = cfg.gate.decode
-    if mode == "beam" and (not (cand_lex and cand_lm) or (champ is not None and not (champ_lex and champ_lm))):
-        log.warning("gate.decode=beam but a model ships no lexicon/LM: decoding both greedily")
+    if mode == "beam" and not all(a.lexicon_path and a.lm_path for a in asrs.values()):
+        log.warning("gate.decode=beam but a model ships no lexicon/LM: decoding every model greedily")
         mode = "greedy"
-
-    def decoder(tokenizer, lex, lm):
-        return CtcDecoder(tokenizer, mode, lex, lm, d.beam_size, d.lm_weight, d.word_score)
-
-    t0 = time.perf_counter()
-    lp_c = batched_logprobs(torch_run_fn(model), feats_c, chunk, overlap)
-    hyp_c = decoder(tok, cand_lex, cand_lm)(lp_c)
-    out: dict[str, Any] = {"candidate": hyp_c, "decode_used": mode, "candidate_s": time.perf_counter() - t0}
-    if champ is not None:
-        feats_p = feats_c if champ.feature_kwargs == info["features"] else golden_features(cfg, golden, champ.feature_kwargs)
+    out: dict[str, Any] = {"decode_used": mode}
+    feats_by_front: dict[str, list] = {}
+    for k, asr in asrs.items():
+        front = json.dumps(asr.feature_kwargs, sort_keys=True)
+        if front not in feats_by_front:
+            feats_by_front[front] = golden_features(cfg, golden, asr.feature_kwargs)
         t0 = time.perf_counter()
-        lp_p = champ.logprobs(feats_p)
-        out["champion"] = decoder(champ.tokenizer, champ_lex, champ_lm)(lp_p)
-        out["champion_s"] = time.perf_counter() - t0
+        lp = asr.logprobs(feats_by_front[front])
+        dec = CtcDecoder(asr.tokenizer, mode, asr.lexicon_path, asr.lm_path, d.beam_size, d.lm_weight, d.word_score)
+        out[k] = dec(lp)
+        out[f"{k}_s"] = time.perf_counter() - t0
     return out
 
 
@@ -221,7 +200,7 @@ def _plot(slices: list[dict[str, Any]], has_champion: bool, path: Path) -> None:
     ax.bar(x - (w / 2 if has_champion else 0), cand, w, label="candidate", color="#2b7bba")
     if has_champion:
         champ = [s.get("wer_champion") or 0.0 for s in slices]
-        ax.bar(x + w / 2, champ, w, label="production", color="#a0a0a0")
+        ax.bar(x + w / 2, champ, w, label="champion", color="#a0a0a0")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("WER")
@@ -371,24 +350,43 @@ def _bootstrap_blocks(speakers: list[str | None], unit: str, min_blocks: int) ->
 
 
 def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> EvaluateResult:
-    from pipeline_tasks.services.registry import alias_version, download_version
+    from pipeline_tasks.services.registry import (
+        STAGING,
+        TAG_CANDIDATE,
+        alias_version,
+        champion_version,
+        download_version,
+        registry_client,
+        version_ref,
+    )
 
-    train, golden = inputs["train"], inputs["golden"]
+    train, golden, export = inputs["train"], inputs["golden"], inputs["export"]
     model_dir = resolve(train, train["model_dir"])
     model_md5 = file_md5(model_dir / "weights.pt")
-    champ_mv = alias_version(cfg, "production")
-    champion = (
-        {"name": champ_mv.name, "version": str(champ_mv.version), "source": str(champ_mv.source)} if champ_mv else None
-    )
+    served = resolve(export, export["served_onnx"])
+    client = registry_client(cfg)
+    champ_mv, champ_alias = champion_version(cfg, export["key"], client)
+    champion = version_ref(champ_mv, champ_alias)
+    # staging is judged too when it is not the champion: staging never moves to a model that lost to it
+    stag_mv = alias_version(cfg, STAGING, cfg.registry.model_name, client)
+    if stag_mv is not None and (
+        (champ_mv is not None and str(stag_mv.version) == str(champ_mv.version))
+        or stag_mv.tags.get(TAG_CANDIDATE) == export["key"]
+    ):
+        stag_mv = None
+    staging = version_ref(stag_mv, STAGING)
     key = step_key(
         STEP,
         {"gate": cfg.gate, "decode": cfg.decode, "registry": cfg.registry.model_name},
         {
             "train": train["key"],
             "model_md5": model_md5,
+            "export": export["key"],
+            "served_md5": export["served_md5"],
             "golden": golden["golden_md5"],
             "golden_index": golden.get("index_md5"),
             "champion": champion,
+            "staging": staging,
         },
         CODE_VERSION,
     )
@@ -401,11 +399,13 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> Evaluate
         g = cfg.gate
         table = FeatureTable(resolve(golden, golden["index"]), in_memory=False)
         refs, ids, spk, dur = table.texts(), table.ids(), table.speakers(), table.durations()
-        champ_onnx = download_version(cfg, champ_mv) if champ_mv else None
-        hyps = _decode_all(cfg, golden, model_dir, champ_onnx)
-        counts = {"candidate": per_utterance_counts(refs, hyps["candidate"])}
-        if champion:
-            counts["champion"] = per_utterance_counts(refs, hyps["champion"])
+        models = {"candidate": served}
+        if champ_mv is not None:
+            models["champion"] = download_version(cfg, champ_mv)
+        if stag_mv is not None:
+            models["staging"] = download_version(cfg, stag_mv)
+        hyps = _decode_all(cfg, golden, models)
+        counts = {k: per_utterance_counts(refs, hyps[k]) for k in models}
 
         def totals(c: list[dict[str, int]]) -> tuple[float, float, int]:
             w = sum(x["ref_words"] for x in c)
@@ -435,7 +435,11 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> Evaluate
                 margin=g.min_wer_improvement,
             )
             boot.pop("block_labels", None)
-        slices = [overall] + slice_table(labels, counts)
+        staging_cmp = None
+        if staging:
+            st_wer, st_cer, _ = totals(counts["staging"])
+            staging_cmp = {**staging, "wer": st_wer, "cer": st_cer, "candidate_better": cand_wer < st_wer}
+        slices = [overall] + slice_table(labels, {k: v for k, v in counts.items() if k != "staging"})
         verdict = decide(
             cand_wer,
             champ_wer,
@@ -462,6 +466,8 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> Evaluate
             "champion_wer": champ_wer,
             "champion_cer": champ_cer,
             "champion": champion,
+            "staging": staging_cmp,
+            "judged_file": {"served": export.get("served"), "onnx_md5": export["served_md5"]},
             "bootstrap": boot,
             "bootstrap_unit": unit,
             "p_better": boot["p_better"] if boot else None,
@@ -472,7 +478,8 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> Evaluate
             "decode_used": hyps["decode_used"],
             "decode": cfg.decode.model_dump(mode="json"),
             "gate": g.model_dump(mode="json"),
-            "lineage": _lineage(train, golden, model_dir, model_md5),
+            "lineage": {**_lineage(train, golden, model_dir, model_md5), "served": export.get("served"),
+                        "served_md5": export["served_md5"]},
             "seconds": {k: round(v, 3) for k, v in hyps.items() if k.endswith("_s")},
         }
         (tmp / "decision.json").write_text(json.dumps(dec, indent=2, sort_keys=True, default=str) + "\n")
@@ -501,6 +508,11 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> Evaluate
             "candidate_cer": cand_cer,
             "champion_wer": champ_wer,
             "champion_version": champion["version"] if champion else None,
+            "champion_alias": champion["alias"] if champion else None,
+            "staging_version": staging["version"] if staging else None,
+            "staging_wer": staging_cmp["wer"] if staging_cmp else None,
+            "beats_staging": staging_cmp["candidate_better"] if staging_cmp else None,
+            "served": export.get("served"),
             "p_better": dec["p_better"],
             "ci95": dec["ci95"],
             "mlflow_run_id": run_id,

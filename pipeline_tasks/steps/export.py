@@ -14,6 +14,8 @@ otherwise the step raises :class:`ExportParityError` (a broken export is a defec
 Quantization: ``onnxruntime.quantization.quantize_dynamic`` (MatMul/Gemm weights → QInt8) into
 ``model.int8.onnx``, kept only when its golden WER (decoded with ``gate.decode``) is within
 ``export.int8_max_wer_delta`` of the fp32 file's; otherwise deleted and ``onnx_int8`` is null.
+``served`` names the one file that serves (int8 when kept and ``export.register_file`` allows
+it, else fp32): the ``evaluate`` gate scores exactly that file and ``promote`` registers it.
 
 Feature extraction is not part of the graph: clients compute log-mels with
 ``model_code.features.logmel`` (numpy), the function featurize used for the training features.
@@ -38,7 +40,7 @@ from pipeline_tasks.records import ExportResult, StepInputs
 log = logging.getLogger(__name__)
 
 STEP = "export"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: chooses the served file (served/served_onnx), lineage of warm starts
 
 
 class ExportParityError(RuntimeError):
@@ -61,6 +63,8 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> ExportRe
         {"train": train["key"], "model_md5": model_md5, "golden": golden["golden_md5"]},
         CODE_VERSION,
     )
+    # the packaged torch model travels with the export: promote registers it beside the ONNX file
+    # (warm starts load it; the ONNX file is what serves)
 
     def work(tmp: Path) -> dict[str, Any]:
         from model_code.dataset import FeatureTable
@@ -90,6 +94,13 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> ExportRe
             "model_md5": model_md5,
             "model_kwargs": info["model_kwargs"],
             "decode": {"lm_weight": d.lm_weight, "word_score": d.word_score, "beam_size": d.beam_size},
+            # continual training: where the model started and what it has seen
+            "parent_version": meta.get("parent_version", "scratch"),
+            "data_snapshot_tag": meta.get("data_snapshot_tag"),
+            "data_snapshot_md5": meta.get("data_snapshot_md5"),
+            "batches": meta.get("batches"),
+            "new_batches": meta.get("new_batches"),
+            "train_minutes": (train.get("lineage") or {}).get("train_minutes"),
         }
         md = build_metadata(tok, info["features"], lex_text, arpa_text, None, lineage)
         onnx_path = export_onnx(model, tmp / "model.onnx", int(info["model_kwargs"]["n_mels"]), e.opset, md)
@@ -175,7 +186,14 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> ExportRe
             "n/a" if wer_int8 is None else f"{wer_int8:.4f}",
             "kept" if int8_kept else "not kept",
         )
+        # the file that serves, the gate judges and promote registers: one decision, made here
+        served = "int8" if (int8_kept and e.register_file == "int8_if_kept") else "fp32"
+        served_rel = "model.int8.onnx" if served == "int8" else "model.onnx"
         return {
+            "served": served,
+            "served_onnx": served_rel,
+            "served_md5": file_md5(tmp / served_rel),
+            "torch_model_dir": str(model_dir),  # the packaged torch model (promote registers its weights)
             "onnx": "model.onnx",
             "onnx_int8": "model.int8.onnx" if int8_kept else None,
             "int8_kept": int8_kept,

@@ -81,6 +81,9 @@ def finalize(
             "n_shards_written": int(sum(1 for r in shard_results if r.get("n_computed", 0) > 0)),
             "audio_hours_computed": round(sum(r.get("audio_s", 0.0) for r in shard_results) / 3600.0, 4),
             "cache_dir": str(cdir),
+            # the DVC snapshot these features come from (lineage of the models trained on them)
+            "snapshot_md5": inputs["validate"].get("snapshot_md5"),
+            "dvc_tag": inputs["validate"].get("dvc_tag"),
         }
 
     return run_step(cfg.root, STEP, _key(cfg, inputs), work, force=force)

@@ -16,12 +16,18 @@ quarantine: a silently shrunken golden set would make WERs incomparable.
 
 The key hashes the content of the manifest and of every audio file it references, plus the text
 normalization, sample rate and feature config, so an edited golden set is a new key.
+
+Nothing else is ever deleted (issue 13): ``paths.golden_dir`` (the source set) and
+``paths.data_workspace`` must not overlap (refused before anything is touched), and when the set
+changes, only files that the previous ``golden.dvc`` recorded are removed from
+``<workspace>/golden``; any other file there stops the step with the list of those files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,25 @@ MANIFEST_NAME = "manifest.jsonl"
 
 class GoldenSetError(RuntimeError):
     """The golden set is missing or has a row that cannot be used."""
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_layout(cfg: AsrflowConfig) -> None:
+    """Refuse a golden set folder that overlaps the data workspace (either inside the other):
+    the step rewrites ``<workspace>/golden`` and would delete the source set."""
+    gdir = cfg.paths.golden_dir
+    if "://" in gdir:
+        return  # refused by golden_manifest_path
+    g = Path(os.path.realpath(gdir))
+    ws = Path(os.path.realpath(cfg.paths.data_workspace))
+    if _inside(g, ws) or _inside(ws, g):
+        raise GoldenSetError(
+            f"paths.golden_dir ({g}) and paths.data_workspace ({ws}) overlap: the golden step rewrites "
+            f"{ws / WORKSPACE_DIR} and could delete the source golden set. Point them at separate folders."
+        )
 
 
 def golden_manifest_path(cfg: AsrflowConfig) -> Path:
@@ -142,18 +167,33 @@ def _store_and_version(cfg: AsrflowConfig, waves: dict[str, Any]) -> tuple[str, 
     from model_code.audio import write_flac
     from pipeline_tasks.services.dvc_store import DataWorkspace
 
+    check_layout(cfg)
     ws = DataWorkspace(cfg.paths.data_workspace, cfg.paths.dvc_remote).ensure()
     sr = cfg.ingest.target_sample_rate
     with ws.lock(cfg.ingest.lock_timeout_s):
         gdir = ws.path / WORKSPACE_DIR
-        wanted = {gdir / h[:2] / f"{h}.flac" for h in waves}
+        wanted = {f"{h[:2]}/{h}.flac" for h in waves}
+        # a changed golden set replaces the old one, never mixes; but only what the previous
+        # golden.dvc recorded is ours to delete
+        recorded = ws.tracked_files(WORKSPACE_DIR) or set()
+        present = {
+            p.relative_to(gdir).as_posix()
+            for p in (gdir.rglob("*") if gdir.exists() else [])
+            if (p.is_file() or p.is_symlink()) and not p.name.startswith(".tmp-")  # .dvcignore'd temporaries
+        }
+        extra = present - wanted
+        unknown = sorted(extra - recorded)
+        if unknown:
+            raise GoldenSetError(
+                f"{gdir} holds {len(unknown)} file(s) that the previous golden.dvc did not record, e.g. "
+                f"{unknown[:5]}: not deleting them. Move them out of the data workspace and rerun."
+            )
+        for rel in sorted(extra):
+            (gdir / rel).unlink()
         for h, wave in waves.items():
             p = gdir / h[:2] / f"{h}.flac"
             if not p.exists():
                 write_flac(p, wave, sr)
-        for p in list(gdir.rglob("*")):  # a changed golden set replaces the old one, never mixes
-            if p.is_file() and p not in wanted:
-                p.unlink()
         md5 = ws.add_commit_push([WORKSPACE_DIR], "asrflow: golden set", tag=None, push=False)[WORKSPACE_DIR]
         tag = f"golden-{md5.removesuffix('.dir')[:12]}"
         if not ws.has_tag(tag):
@@ -164,6 +204,7 @@ def _store_and_version(cfg: AsrflowConfig, waves: dict[str, Any]) -> tuple[str, 
 
 
 def run(cfg: AsrflowConfig, inputs: StepInputs | None = None, force: bool = False) -> GoldenResult:
+    check_layout(cfg)
     manifest = golden_manifest_path(cfg)
     material = {
         "features": cfg.features.model_dump(mode="json", exclude={"jobs", "parallel_min_audio_s"}),

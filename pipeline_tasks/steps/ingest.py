@@ -21,6 +21,21 @@ URL: ``file://``, ``memory://``, ``s3://``…; NeMo fields ``audio_filepath``, `
    ``quarantine.parquet`` (every landing row that could not be ingested, with a machine
    ``reason`` and readable ``message``) into the step output.
 
+No landing row can stop the batch (issue 13): every line ends as a row or a quarantine entry.
+A line that is not JSON, too deeply nested, longer than ``ingest.max_manifest_line_bytes``, or
+whose values crash a check (a 5,000-digit number, a NUL byte in a path) is quarantined as
+``manifest_bad_row`` with the exception's message. Manifests are streamed, not read whole;
+only regular files are read (a FIFO in the landing zone would block forever), and an
+unreadable manifest or audio file is quarantined. Audio is checked from its header before it
+is decoded (``validate.max_duration_s``, ``ingest.max_decoded_mb``, ``ingest.max_channels``,
+``ingest.max_sample_rate``: a few KB of FLAC can declare hours of audio). Decode work is
+submitted in bounded batches (at most ``ingest.decode_batch`` files in flight, so an ``s3://``
+landing never holds every file in memory), and a decode worker that dies (killed for memory)
+does not fail the batch: the files it may have held are retried one by one in a fresh
+worker, and the one that kills it again is quarantined as ``audio_decoder_died``. The same
+audio under two ids would land in both train and dev (the split hashes ids): the second one
+is quarantined as ``duplicate_audio``.
+
 Decoding uses a process pool (``ingest.jobs`` processes, 0 = all cores) when there are at least
 ``ingest.pool_min_items`` files; smaller batches decode in-process, since a spawned worker
 must first import torch. The pool uses the ``spawn`` start method, so a script that calls
@@ -43,13 +58,17 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import posixpath
 import shutil
+import stat
 import time
 import uuid
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -66,12 +85,14 @@ from pipeline_tasks.config import AsrflowConfig
 from pipeline_tasks.contract import file_md5, run_step, sha256_hex, step_key
 from pipeline_tasks.records import IngestResult, StepInputs
 from pipeline_tasks.services.dvc_store import DataWorkspace
-from pipeline_tasks.services.manifests import parse_lines, split_lines
+from pipeline_tasks.services.manifests import ManifestLine, iter_lines, parse_lines
 
 log = logging.getLogger(__name__)
 
 STEP = "ingest"
-CODE_VERSION = "2"  # 2: one numpy resampler (model_code.audio.resample) for ingest, golden and serving
+# 2: one numpy resampler (model_code.audio.resample) for ingest, golden and serving
+# 3: header caps before decoding, duplicate_audio, manifest_bad_row for any row that crashes a check
+CODE_VERSION = "3"
 
 RAW_DIR = "raw"
 MANIFEST_DIR = "manifests"
@@ -128,8 +149,14 @@ class Landing:
                 p = os.path.join(dirpath, name)
                 try:
                     st = os.stat(p)
-                except OSError:  # dangling symlink
-                    out.append((p, {"type": "file", "size": None, "dangling": os.readlink(p)}))
+                except OSError as e:  # dangling symlink (or a file we may not even stat)
+                    try:
+                        out.append((p, {"type": "file", "size": None, "dangling": os.readlink(p)}))
+                    except OSError:
+                        out.append((p, {"type": "file", "size": None, "unreadable": type(e).__name__}))
+                    continue
+                if not stat.S_ISREG(st.st_mode):  # FIFO, socket, device: never opened (a FIFO blocks)
+                    out.append((p, {"type": "other", "size": None, "special": _file_kind(st.st_mode)}))
                     continue
                 out.append((p, {"type": "file", "size": st.st_size}))
         return out
@@ -152,12 +179,19 @@ class Landing:
                 return f"{k}:{str(info[k]).strip(chr(34))}"
         if info.get("dangling") is not None:
             return "dangling:" + str(info["dangling"])
+        if info.get("special") is not None:
+            return "special:" + str(info["special"])
+        if info.get("unreadable") is not None:
+            return "unreadable:" + str(info["unreadable"])
         if self.is_local and not self.inside(path):
             return "link-out:" + os.path.realpath(path)
         h = hashlib.sha1()
-        with self.fs.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        try:
+            with self.fs.open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:  # unreadable: its rows are quarantined when they are read
+            return f"unreadable:{type(e).__name__}:{info.get('size')}"
         return "sha1:" + h.hexdigest()
 
     def fingerprint(self) -> str:
@@ -174,6 +208,14 @@ class Landing:
 def _protocols(fs: Any) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "chardev"),
+                       (stat.S_ISBLK, "blockdev"), (stat.S_ISDIR, "dir")):
+        if test(mode):
+            return name
+    return "other"
 
 
 # ---------------------------------------------------------------------------------
@@ -210,54 +252,93 @@ def _batch_name(landing: Landing, manifest_path: str) -> str:
     return posixpath.basename(parent) if parent not in ("", ".") else (posixpath.basename(landing.root) or "root")
 
 
-def _parse_manifest(landing: Landing, manifest_path: str, tcfg: Any) -> list[Row]:
-    """Parse one manifest into rows; each bad line becomes a rejected row, never an exception."""
+def _storable(value: str) -> str:
+    """``value`` if it can be stored as UTF-8 (Parquet); raises ``ValueError`` for a lone surrogate."""
+    value.encode("utf-8")  # UnicodeEncodeError is a ValueError
+    return value
+
+
+def _safe_text(value: Any) -> str | None:
+    """Any value as a string that can always be stored (for quarantine records)."""
+    if value is None:
+        return None
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _short(value: Any, n: int = 80) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _parse_row(landing: Landing, row: Row, ml: ManifestLine, tcfg: Any) -> None:
+    """Fill ``row`` from one parsed line, or reject it with a reason (may raise on hostile values:
+    the caller quarantines those as ``manifest_bad_row``)."""
+    i = ml.line_no
+    if ml.record is None:
+        row.reject(ml.reason or "manifest_bad_json", ml.message or f"line {i} is unusable")
+        return
+    rec = ml.record
+    rid = rec.get("id")
+    row.id = _storable(str(rid)) if rid not in (None, "") else hashlib.sha1(row.source.encode()).hexdigest()[:16]
+    afp = rec.get("audio_filepath")
+    if not isinstance(afp, str) or not afp:
+        row.reject("manifest_missing_field", "'audio_filepath' is missing or not a string")
+        return
+    row.audio_filepath = _storable(afp)
+    if rec.get("speaker") is not None:
+        row.speaker = _storable(str(rec["speaker"]))
+    if "text" not in rec:
+        row.reject("manifest_missing_field", "'text' is missing")
+        return
+    row.text_raw = _storable(rec["text"] if isinstance(rec["text"], str) else json.dumps(rec["text"]))
+    dur = rec.get("duration")
+    if dur is not None:
+        if isinstance(dur, bool) or not isinstance(dur, (int, float)):
+            row.reject("bad_duration", f"declared duration {_short(dur)} is not a number")
+            return
+        if not math.isfinite(dur) or dur <= 0:
+            row.reject("bad_duration", f"declared duration {_short(dur)} is not a finite positive number")
+            return
+        row.declared_duration = float(dur)  # OverflowError for a huge int: quarantined by the caller
+    try:
+        row.text = tcfg.normalize(rec["text"])
+    except TextRejected as e:
+        row.reject(e.reason, e.message)
+        return
+    _resolve_audio(landing, row)
+
+
+def _parse_manifest(landing: Landing, manifest_path: str, tcfg: Any, max_line_bytes: int = 1 << 20) -> list[Row]:
+    """Parse one manifest into rows, streaming it; each bad line becomes a rejected row, never an
+    exception (an unreadable manifest is one rejected row, ``manifest_unreadable``)."""
     rel = landing.rel(manifest_path)
     batch = _batch_name(landing, manifest_path)
-    data = landing.fs.cat_file(manifest_path)
     rows: list[Row] = []
-    for ml in parse_lines(split_lines(data)):
-        i = ml.line_no
-        row = Row(batch=batch, source=f"{rel}:{i}", manifest_path=manifest_path, line_no=i, line=ml.raw)
+    last = 0
+    try:
+        with landing.fs.open(manifest_path, "rb") as f:
+            for ml in parse_lines(iter_lines(f, max_line_bytes)):
+                i = last = ml.line_no
+                row = Row(batch=batch, source=f"{rel}:{i}", manifest_path=manifest_path, line_no=i, line=ml.raw)
+                rows.append(row)
+                try:
+                    _parse_row(landing, row, ml, tcfg)
+                except Exception as e:  # noqa: BLE001 - no value in a landing row may stop the batch
+                    row.reason = None
+                    row.reject("manifest_bad_row", f"line {i} cannot be checked: {type(e).__name__}: {e}"[:500])
+    except OSError as e:
+        row = Row(batch=batch, source=f"{rel}:{last + 1}", manifest_path=manifest_path, line_no=last + 1, line=b"")
+        row.reject("manifest_unreadable", f"manifest {rel} could not be read after line {last}: {type(e).__name__}: {e}"[:500])
         rows.append(row)
-        if ml.record is None:
-            row.reject(ml.reason or "manifest_bad_json", ml.message or f"line {i} is unusable")
-            continue
-        rec = ml.record
-        rid = rec.get("id")
-        row.id = str(rid) if rid not in (None, "") else hashlib.sha1(row.source.encode()).hexdigest()[:16]
-        afp = rec.get("audio_filepath")
-        if not isinstance(afp, str) or not afp:
-            row.reject("manifest_missing_field", "'audio_filepath' is missing or not a string")
-            continue
-        row.audio_filepath = afp
-        if rec.get("speaker") is not None:
-            row.speaker = str(rec["speaker"])
-        if "text" not in rec:
-            row.reject("manifest_missing_field", "'text' is missing")
-            continue
-        row.text_raw = rec["text"] if isinstance(rec["text"], str) else json.dumps(rec["text"])
-        dur = rec.get("duration")
-        if dur is not None:
-            if isinstance(dur, bool) or not isinstance(dur, (int, float)):
-                row.reject("bad_duration", f"declared duration {dur!r} is not a number")
-                continue
-            if not math.isfinite(dur) or dur <= 0:
-                row.reject("bad_duration", f"declared duration {dur!r} is not a finite positive number")
-                continue
-            row.declared_duration = float(dur)
-        try:
-            row.text = tcfg.normalize(rec["text"])
-        except TextRejected as e:
-            row.reject(e.reason, e.message)
-            continue
-        _resolve_audio(landing, row)
     return rows
 
 
 def _resolve_audio(landing: Landing, row: Row) -> None:
     """Resolve ``audio_filepath`` against the manifest's folder; reject escapes and missing files."""
     afp = row.audio_filepath or ""
+    if "\x00" in afp:  # os.path and every filesystem call raise on it
+        row.reject("manifest_bad_row", "audio_filepath contains a NUL byte")
+        return
     if "://" in afp:
         row.reject("path_escape", f"audio_filepath {afp!r} is a URL; only paths inside the landing zone are read")
         return
@@ -281,27 +362,31 @@ def _resolve_audio(landing: Landing, row: Row) -> None:
 
 
 def _init_worker() -> None:
-    """One torch thread per worker process: the pool already uses every core."""
-    try:
-        import torch
+    """One compute thread per worker process: the pool already uses every core. Decoding does not
+    use torch, so it is not imported here (a spawned worker would pay seconds for it)."""
+    import sys
 
+    torch = sys.modules.get("torch")
+    if torch is not None:  # pragma: no cover - only if something imported it anyway
         torch.set_num_threads(1)
-    except Exception:  # pragma: no cover - torch is always installed, but decoding does not need it
-        pass
 
 
 def decode_item(task: dict[str, Any]) -> dict[str, Any]:
     """Decode one audio file, check its duration, store it as FLAC in the raw store.
 
     ``task``: ``src`` (local path or bytes), ``declared`` (seconds or None), ``target_sr``,
-    ``workspace``, ``tol_s``, ``tol_ratio``. Returns ``{"ok": True, ...metadata}`` or
-    ``{"ok": False, "reason", "message"}``; never raises for bad audio.
+    ``workspace``, ``tol_s``, ``tol_ratio``, ``caps`` (``load_audio``'s ``max_*`` header caps).
+    Returns ``{"ok": True, ...metadata}`` or ``{"ok": False, "reason", "message"}``; never raises
+    for bad audio.
     """
     src = task["src"]
+    _fault(task)
     try:
         import io
 
-        wave, orig_sr, orig_ch = load_audio(io.BytesIO(src) if isinstance(src, bytes) else src, task["target_sr"])
+        wave, orig_sr, orig_ch = load_audio(
+            io.BytesIO(src) if isinstance(src, bytes) else src, task["target_sr"], **(task.get("caps") or {})
+        )
     except AudioDecodeError as e:
         return {"ok": False, "reason": e.reason, "message": e.message}
     except Exception as e:  # a decoder bug must not take the batch down
@@ -336,18 +421,129 @@ def decode_item(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+FAULT_ENV = "ASRFLOW_INGEST_FAULT"
+DECODER_DIED = "audio_decoder_died"
+
+
+def _fault(task: dict[str, Any]) -> None:
+    """Test hook: ``ASRFLOW_INGEST_FAULT=kill:<file name>`` SIGKILLs a *pool worker* when it is
+    given that file, as the kernel's OOM killer would (never the main process)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec.startswith("kill:") or multiprocessing.parent_process() is None:
+        return
+    if isinstance(task.get("src"), str) and os.path.basename(task["src"]) == spec[len("kill:") :]:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _jobs(n: int) -> int:
     return n if n > 0 else max(1, os.cpu_count() or 1)
+
+
+def _died(message: str) -> dict[str, Any]:
+    return {"ok": False, "reason": DECODER_DIED, "message": message}
+
+
+def _decode_pool(
+    n: int, make_task: Callable[[int], dict[str, Any]], jobs: int, window: int
+) -> dict[int, dict[str, Any]]:
+    """Decode items ``0..n-1`` in a spawned process pool, at most ``window`` in flight.
+
+    A worker that dies (``BrokenProcessPool``: killed for memory, a crash in libsndfile) does not
+    fail the batch: the items that were in flight are retried one at a time in a fresh
+    one-process pool, where the item that kills its worker again gets ``audio_decoder_died``;
+    then the pool is rebuilt for the rest.
+    """
+    results: dict[int, dict[str, Any]] = {}
+    queue = deque(range(n))
+
+    def pool(workers: int, init: bool) -> ProcessPoolExecutor:
+        # spawn: a forked child of a process that already ran torch threads can deadlock
+        return ProcessPoolExecutor(
+            max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker if init else None
+        )
+
+    def submit(ex: ProcessPoolExecutor, i: int):
+        try:
+            task = make_task(i)
+        except Exception as e:  # noqa: BLE001 - reading the source failed: that item only
+            results[i] = {"ok": False, "reason": "audio_unreadable", "message": f"{type(e).__name__}: {e}"[:500]}
+            return None
+        return ex.submit(decode_item, task)
+
+    while queue:
+        suspects: list[int] = []
+        with pool(jobs, init=True) as ex:
+            inflight: dict[Any, int] = {}
+            broken = False
+            while (queue or inflight) and not broken:
+                while queue and len(inflight) < window and not broken:
+                    i = queue.popleft()
+                    try:
+                        fut = submit(ex, i)
+                    except BrokenProcessPool:
+                        suspects.append(i)
+                        broken = True
+                        break
+                    if fut is not None:
+                        inflight[fut] = i
+                if not inflight:
+                    continue
+                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = inflight.pop(fut)
+                    try:
+                        results[i] = fut.result()
+                    except BrokenProcessPool:
+                        suspects.append(i)
+                        broken = True
+                    except Exception as e:  # noqa: BLE001 - e.g. a result that could not be pickled
+                        results[i] = {"ok": False, "reason": "audio_unreadable", "message": f"{type(e).__name__}: {e}"[:500]}
+            if broken:
+                suspects.extend(inflight.values())
+                ex.shutdown(wait=True, cancel_futures=True)
+        if suspects:
+            log.warning("ingest: a decode worker died; retrying %d file(s) one at a time", len(suspects))
+            iso = pool(1, init=False)
+            try:
+                for i in sorted(set(suspects)):
+                    fut = submit(iso, i)
+                    if fut is None:
+                        continue
+                    try:
+                        results[i] = fut.result()
+                    except BrokenProcessPool:
+                        results[i] = _died("the decoder process died on this file (killed for memory or crashed)")
+                        iso.shutdown(wait=True)
+                        iso = pool(1, init=False)
+            finally:
+                iso.shutdown(wait=True)
+    return results
 
 
 def _decode_all(landing: Landing, rows: list[Row], cfg: AsrflowConfig, workspace: Path) -> None:
     todo = [r for r in rows if r.reason is None]
     ic = cfg.ingest
+    max_bytes = int(ic.max_decoded_mb * 2**20)
+    caps = {
+        "max_duration_s": cfg.validate_.max_duration_s,
+        "max_decoded_bytes": max_bytes,
+        "max_channels": ic.max_channels,
+        "max_sample_rate": ic.max_sample_rate,
+    }
 
     def task(r: Row) -> dict[str, Any]:
         # local files are opened by the worker; other stores are read here (a worker cannot
-        # see e.g. this process's memory:// filesystem) and shipped as bytes
-        src: str | bytes = r.audio_full if landing.is_local else landing.fs.cat_file(r.audio_full)
+        # see e.g. this process's memory:// filesystem) and shipped as bytes, a window at a time
+        src: str | bytes
+        if landing.is_local:
+            src = r.audio_full
+        else:
+            size = landing.fs.size(r.audio_full)
+            if size is not None and size > 2 * max_bytes:  # bigger encoded than any allowed decode
+                raise ValueError(f"{size} bytes: larger than ingest.max_decoded_mb allows")
+            src = landing.fs.cat_file(r.audio_full)
         return {
             "src": src,
             "declared": r.declared_duration,
@@ -355,15 +551,23 @@ def _decode_all(landing: Landing, rows: list[Row], cfg: AsrflowConfig, workspace
             "workspace": str(workspace),
             "tol_s": ic.max_duration_mismatch_s,
             "tol_ratio": ic.max_duration_mismatch_ratio,
+            "caps": caps,
         }
+
+    def one(r: Row) -> dict[str, Any]:
+        try:
+            t = task(r)
+        except Exception as e:  # noqa: BLE001
+            return {"ok": False, "reason": "audio_unreadable", "message": f"{type(e).__name__}: {e}"[:500]}
+        return decode_item(t)
 
     jobs = min(_jobs(ic.jobs), len(todo))
     if jobs <= 1 or len(todo) < ic.pool_min_items:
-        results = [decode_item(task(r)) for r in todo]
+        results = [one(r) for r in todo]
     else:
-        # spawn: a forked child of a process that already ran torch threads can deadlock
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker) as ex:
-            results = list(ex.map(decode_item, (task(r) for r in todo), chunksize=max(1, len(todo) // (jobs * 4))))
+        window = ic.decode_batch or 4 * jobs
+        by_index = _decode_pool(len(todo), lambda i: task(todo[i]), jobs, max(window, jobs))
+        results = [by_index[i] for i in range(len(todo))]
     for r, res in zip(todo, results, strict=True):
         if res["ok"]:
             r.decoded = res
@@ -385,7 +589,7 @@ def _copy_to_quarantine(landing: Landing, row: Row, qdir: Path) -> str | None:
     """
     dest_dir = qdir / row.batch
     stem = posixpath.basename(row.manifest_path).rsplit(".", 1)[0]
-    if row.audio_full and row.reason and row.reason.startswith(_AUDIO_REASONS_PREFIX):
+    if row.audio_full and row.reason and row.reason.startswith(_AUDIO_REASONS_PREFIX) and _copyable(landing, row):
         name = f"{stem}-L{row.line_no}-{posixpath.basename(row.audio_full)}"
         dest = dest_dir / name
         if not dest.exists():
@@ -405,6 +609,19 @@ def _copy_to_quarantine(landing: Landing, row: Row, qdir: Path) -> str | None:
     return str(dest)
 
 
+_MAX_QUARANTINE_COPY = 256 * 2**20  # a bigger offending file is recorded, not copied
+
+
+def _copyable(landing: Landing, row: Row) -> bool:
+    """A regular file of a sane size: a decompression bomb's source is small, a 50 GB file is not copied."""
+    try:
+        info = landing.fs.info(row.audio_full)
+    except (OSError, ValueError):
+        return False
+    size = info.get("size")
+    return info.get("type") == "file" and (size is None or size <= _MAX_QUARANTINE_COPY)
+
+
 def _quarantine_table(rows: list[Row], landing: Landing, qdir: Path, copy: bool) -> pa.Table:
     recs = []
     for r in rows:
@@ -412,16 +629,16 @@ def _quarantine_table(rows: list[Row], landing: Landing, qdir: Path, copy: bool)
         if copy:
             try:
                 qcopy = _copy_to_quarantine(landing, r, qdir)
-            except OSError as e:  # the quarantine record matters more than the copy
-                log.warning("could not copy %s to quarantine: %s", r.source, e)
+            except (OSError, ValueError) as e:  # the quarantine record matters more than the copy
+                log.warning("could not copy %s to quarantine: %s", _safe_text(r.source), e)
         recs.append(
             {
-                "id": r.id,
-                "batch": r.batch,
-                "source": r.source,
-                "audio_filepath": r.audio_filepath,
+                "id": _safe_text(r.id),
+                "batch": _safe_text(r.batch),
+                "source": _safe_text(r.source),
+                "audio_filepath": _safe_text(r.audio_filepath),
                 "reason": r.reason,
-                "message": r.message,
+                "message": _safe_text(r.message),
                 "stage": "ingest",
                 "quarantined_copy": qcopy,
             }
@@ -454,6 +671,9 @@ def _merge(existing: list[dict[str, Any]], rows: list[Row], max_train_s: float) 
     """Add decoded rows to the existing records; an id already present with the same audio and
     text is not new, with different content it is a ``duplicate_id`` rejection."""
     by_id = {rec["id"]: rec for rec in existing}
+    by_audio = {}
+    for rec in existing:
+        by_audio.setdefault(rec["audio_hash"], rec)
     out = list(existing)
     n_new = 0
     for r in rows:
@@ -467,6 +687,15 @@ def _merge(existing: list[dict[str, Any]], rows: list[Row], max_train_s: float) 
                     "duplicate_id",
                     f"id {r.id!r} was already ingested from {prev['source']} with different audio or text",
                 )
+            continue
+        same = by_audio.get(d["audio_hash"])
+        if same is not None:
+            # the same audio under another id would land in train *and* dev (split hashes ids)
+            r.reject(
+                "duplicate_audio",
+                f"the same audio (sha256 {d['audio_hash'][:12]}) was already ingested as id {same['id']!r} "
+                f"from {same['source']}",
+            )
             continue
         rec = {
             "id": r.id,
@@ -485,6 +714,7 @@ def _merge(existing: list[dict[str, Any]], rows: list[Row], max_train_s: float) 
             "long_form": d["duration_s"] > max_train_s,
         }
         by_id[r.id] = rec
+        by_audio[d["audio_hash"]] = rec
         out.append(rec)
         n_new += 1
     for rec in out:
@@ -510,7 +740,7 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
     timings: dict[str, float] = {}
     rows: list[Row] = []
     for m in manifests:
-        rows.extend(_parse_manifest(landing, m, ic.text))
+        rows.extend(_parse_manifest(landing, m, ic.text, ic.max_manifest_line_bytes))
     # the same id twice in the landing zone: the first occurrence wins
     seen: dict[str, str] = {}
     for r in rows:
@@ -559,7 +789,9 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
     pq.write_table(qtable, tmp / "quarantine.parquet")
     reasons = dict(sorted(Counter(r.reason for r in bad).items()))
     for r in bad:
-        log.warning("ingest: quarantined %s (%s): %s", r.source, r.reason, r.message)
+        # the message may quote the transcript (personal data): only at DEBUG; it is in quarantine.parquet
+        log.warning("ingest: quarantined %s (%s)", _safe_text(r.source), r.reason)
+        log.debug("ingest: %s: %s", _safe_text(r.source), _safe_text(r.message))
     return {
         "manifest": "manifest.parquet",
         "manifest_md5": file_md5(tmp / "manifest.parquet"),

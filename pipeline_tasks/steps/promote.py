@@ -36,18 +36,22 @@ from typing import Any
 from pipeline_tasks.config import AsrflowConfig
 from pipeline_tasks.contract import file_md5, resolve, run_step, step_key
 from pipeline_tasks.records import PromoteResult, StepInputs
+from pipeline_tasks.services.registry import (
+    PREVIOUS,
+    PRODUCTION,
+    STAGING,
+    TAG_CANDIDATE,
+    TAG_CHAMPION_ALIAS,
+    TAG_CHAMPION_VERSION,
+    TAG_ROLLED_BACK,
+    TAG_STAGED,
+)
 
 log = logging.getLogger(__name__)
 
 STEP = "promote"
 CODE_VERSION = "1"
 
-STAGING = "staging"
-PRODUCTION = "production"
-PREVIOUS = "previous-production"
-TAG_CANDIDATE = "asrflow.candidate_key"
-TAG_STAGED = "asrflow.staged"
-TAG_ROLLED_BACK = "asrflow.rolled_back"
 
 
 def _now() -> str:
@@ -124,7 +128,17 @@ def _version_tags(cfg: AsrflowConfig, export: dict[str, Any], evaluate: dict[str
         "asrflow.gate_candidate_wer": evaluate["candidate_wer"],
         "asrflow.gate_candidate_cer": evaluate["candidate_cer"],
         "asrflow.gate_champion_wer": evaluate.get("champion_wer"),
-        "asrflow.gate_champion_version": evaluate.get("champion_version"),
+        TAG_CHAMPION_VERSION: evaluate.get("champion_version") or "none",
+        TAG_CHAMPION_ALIAS: evaluate.get("champion_alias"),
+        "asrflow.gate_staging_version": evaluate.get("staging_version"),
+        "asrflow.gate_staging_wer": evaluate.get("staging_wer"),
+        # lineage of continual training
+        "asrflow.parent_version": lin.get("parent_version") or "scratch",
+        "asrflow.data_snapshot_tag": lin.get("data_snapshot_tag"),
+        "asrflow.data_snapshot_md5": lin.get("data_snapshot_md5"),
+        "asrflow.batches": ",".join(lin.get("batches") or []) or None,
+        "asrflow.new_batches": ",".join(lin.get("new_batches") or []) or None,
+        "asrflow.train_minutes": lin.get("train_minutes"),
         "asrflow.gate_p_better": evaluate.get("p_better"),
         "asrflow.gate_ci95": evaluate.get("ci95"),
         "asrflow.gate_decode": evaluate.get("decode_used"),
@@ -135,7 +149,9 @@ def _version_tags(cfg: AsrflowConfig, export: dict[str, Any], evaluate: dict[str
     return {k: _tag_str(v) for k, v in tags.items() if v is not None}
 
 
-def _log_and_register(cfg: AsrflowConfig, export: dict[str, Any], onnx_path: Path, tags: dict[str, str]):
+def _log_and_register(
+    cfg: AsrflowConfig, export: dict[str, Any], onnx_path: Path, tags: dict[str, str], torch_model_dir: str | None
+):
     """Log the ONNX model in an MLflow run (reused by candidate key) and register it with ``tags``."""
     import mlflow
     import onnx
@@ -152,6 +168,10 @@ def _log_and_register(cfg: AsrflowConfig, export: dict[str, Any], onnx_path: Pat
         exp_id, run_name=f"promote-{ckey}", tags={"asrflow.step": STEP, TAG_CANDIDATE: ckey}
     ).info.run_id
     extra = [str(resolve(export, export[k])) for k in ("lexicon", "lm") if export.get(k)]
+    # the torch weights travel with the ONNX file: the next week's training starts from them
+    torch_dir = Path(torch_model_dir) if torch_model_dir else None
+    if torch_dir is not None and (torch_dir / "weights.pt").is_file():
+        extra += [str(torch_dir / "weights.pt"), str(torch_dir / "model.json")]
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
@@ -197,9 +217,13 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> PromoteR
             }
             (tmp / "promote.json").write_text(json.dumps(out, indent=2) + "\n")
             return out
-        which = "int8" if (cfg.export.register_file == "int8_if_kept" and export.get("onnx_int8")) else "fp32"
-        onnx_path = resolve(export, export["onnx_int8"] if which == "int8" else export["onnx"])
-        expect_md5 = export["onnx_int8_md5"] if which == "int8" else export["onnx_md5"]
+        # exactly the file the gate judged (export decided which one serves)
+        which = export.get("served") or ("int8" if export.get("onnx_int8") else "fp32")
+        onnx_path = resolve(export, export.get("served_onnx") or (export["onnx_int8"] if which == "int8" else export["onnx"]))
+        expect_md5 = export.get("served_md5") or (export["onnx_int8_md5"] if which == "int8" else export["onnx_md5"])
+        judged = (evaluate.get("lineage") or {}).get("served_md5")
+        if judged and judged != expect_md5:
+            raise RuntimeError("the gate judged another file than the one export serves: re-run evaluate")
         if file_md5(onnx_path) != expect_md5:
             raise RuntimeError(f"{onnx_path} changed since export (md5 mismatch); re-run export with --force")
         with registry_lock(cfg):
@@ -209,11 +233,16 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> PromoteR
                 mv = found[0]
                 log.info("candidate %s is already version %s of %s: nothing registered", export["key"], str(mv.version), name)
             else:
-                mv = _log_and_register(cfg, export, onnx_path, _version_tags(cfg, export, evaluate, which))
+                mv = _log_and_register(
+                    cfg, export, onnx_path, _version_tags(cfg, export, evaluate, which), export.get("torch_model_dir")
+                )
                 log.info("registered %s version %s", name, str(mv.version))
             mv = client.get_model_version(name, str(mv.version))
             moved = False
-            if mv.tags.get(TAG_STAGED) != "true":
+            hold = staging_hold(client, name, mv, evaluate)
+            if hold:
+                log.info("staging stays: %s", hold)
+            elif mv.tags.get(TAG_STAGED) != "true":
                 client.set_registered_model_alias(name, STAGING, str(mv.version))
                 client.set_model_version_tag(name, str(mv.version), TAG_STAGED, "true")
                 client.set_model_version_tag(name, str(mv.version), "asrflow.staged_at", _now())
@@ -222,17 +251,37 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> PromoteR
             **base,
             "registered": True,
             "version": str(mv.version),
-            "alias": STAGING,
+            "alias": None if hold else STAGING,
             "alias_moved": moved,
+            "staging_held": hold,
             "new_version_created": created,
             "onnx_file": which,
             "model_uri": f"models:/{name}/{str(mv.version)}",
-            "reason": evaluate["reason"],
+            "reason": evaluate["reason"] + (f"; {hold}" if hold else ""),
         }
         (tmp / "promote.json").write_text(json.dumps(out, indent=2) + "\n")
         return out
 
     return run_step(cfg.root, STEP, key, work, force=force)
+
+
+def staging_hold(client, name: str, mv, evaluate: dict[str, Any]) -> str | None:
+    """Why ``staging`` must not move to ``mv`` (``None``: it may).
+
+    ``staging`` never moves to a version older than the one it points at, nor to one that lost to
+    it on the golden set (``evaluate`` judges the staging model too when it is not the champion).
+    """
+    from pipeline_tasks.services.registry import alias_version_client
+
+    cur = alias_version_client(client, name, STAGING)
+    if cur is None or str(cur.version) == str(mv.version):
+        return None
+    if int(str(cur.version)) > int(str(mv.version)):
+        return f"staging points at version {cur.version}, newer than {mv.version}"
+    if evaluate.get("staging_version") == str(cur.version) and evaluate.get("beats_staging") is False:
+        return (f"version {mv.version} lost to staging version {cur.version} on the golden set "
+                f"(WER {evaluate.get('candidate_wer'):.4f} vs {evaluate.get('staging_wer'):.4f})")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,7 +173,8 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> SplitRes
     def work(tmp: Path) -> dict[str, Any]:
         index = pq.read_table(resolve(f, f["index"]))
         out = split_index(index, cfg, g_hashes, g_ids, tmp)
-        out.update({"golden_md5": g_md5, "feature_hash": f.get("feature_hash"), "index_md5": f["index_md5"]})
+        out.update({"golden_md5": g_md5, "feature_hash": f.get("feature_hash"), "index_md5": f["index_md5"],
+                    "snapshot_md5": f.get("snapshot_md5"), "dvc_tag": f.get("dvc_tag")})
         return out
 
     return run_step(cfg.root, STEP, key, work, force=force)

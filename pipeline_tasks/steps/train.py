@@ -13,6 +13,12 @@
    ``train.keep_checkpoint_after_publish``).
 
 The training call itself is :func:`pipeline_tasks.services.fitting.fit`, shared with the tune step.
+
+Continual training: the run starts from the parent model that ``train.init_from`` names
+(:mod:`pipeline_tasks.services.parent`; by default the ``production`` model, else ``staging``,
+else scratch), fine-tunes with its own schedule and replays older weeks. The parent is part of
+the key; the result records it (``init``, ``parent``) and the model's lineage (the batches it
+has seen, the new ones, the DVC snapshot, the training minutes).
 """
 
 from __future__ import annotations
@@ -37,12 +43,17 @@ CODE_VERSION = "1"
 # ---------------------------------------------------------------------------------------------
 # the step
 # ---------------------------------------------------------------------------------------------
-def train_key(cfg: AsrflowConfig, split: dict[str, Any], overrides: dict[str, Any]) -> str:
-    """Key of a train run: its (override-applied) train/model/features config, data md5s, overrides."""
+def train_key(cfg: AsrflowConfig, split: dict[str, Any], overrides: dict[str, Any], parent=None) -> str:
+    """Key of a train run: its (override-applied) config, data md5s, overrides and parent model."""
     return step_key(
         STEP,
         {"train": cfg.train, "model": cfg.model, "features": cfg.features, "lm_order": cfg.decode.lm_order},
-        {"train_md5": split["train_md5"], "dev_md5": split["dev_md5"], "overrides": overrides},
+        {
+            "train_md5": split["train_md5"],
+            "dev_md5": split["dev_md5"],
+            "overrides": overrides,
+            "parent": None if parent is None else parent.identity(),
+        },
         CODE_VERSION,
     )
 
@@ -72,15 +83,19 @@ def _find_or_start_run(cfg: AsrflowConfig, key: str):
 
 
 def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> TrainResult:
+    from pipeline_tasks.services.parent import parent_for_split
+
     split = inputs["split"]
     overrides = dict((inputs.get("tune") or {}).get("best_overrides") or {})
     tcfg = with_overrides(cfg, overrides)
-    key = train_key(tcfg, split, overrides)
+    parent = parent_for_split(tcfg, split)
+    key = train_key(tcfg, split, overrides, parent)
     ckdir = checkpoint_dir_for(cfg, key)
 
     def work(tmp: Path) -> dict[str, Any]:
         import mlflow
 
+        snapshot = {"data_snapshot_md5": split.get("snapshot_md5"), "data_snapshot_tag": split.get("dvc_tag")}
         with _find_or_start_run(tcfg, key) as mrun:
             mlflow.set_tags({"dev_md5": split["dev_md5"], "applied_overrides": json.dumps(overrides, sort_keys=True)})
             res = fit(
@@ -89,13 +104,17 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> TrainRes
                 resolve(split, split["dev"]),
                 tmp,
                 checkpoint_dir=ckdir,
+                parent=parent,
+                meta={**snapshot, "train_key": key},
             )
+        lineage = {**res["lineage"], **snapshot, "train_minutes": round(res["train_s"] / 60.0, 2)}
         return {
             "model_dir": "model",
             "history": "history.json",
             "curve": "curve.png",
             "dev_wer": res["dev_wer"],
             "dev_cer": res["dev_cer"],
+            "dev_loss": res.get("dev_loss"),
             "epochs": res["epochs"],
             "steps": res["steps"],
             "train_md5": split["train_md5"],
@@ -110,6 +129,9 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> TrainRes
             "params": res["params"],
             "world_size": res["world_size"],
             "applied_overrides": overrides,
+            "init": res["init"],
+            "parent": parent.record(),
+            "lineage": lineage,
         }
 
     result = run_step(cfg.root, STEP, key, work, force=force)

@@ -167,7 +167,9 @@ def _work(cfg: AsrflowConfig, ing: dict[str, Any], key: str, tmp: Path) -> dict[
                 "quarantined_copy": _copy_flac(workspace / rec["audio_path"], qdir, rec["batch"], str(rec["id"])),
             }
         )
-        log.warning("validate: quarantined %s (%s): %s", rec["id"], fl[0]["reason"], msg)
+        # the message quotes the failing values, the transcript among them (personal data): DEBUG only
+        log.warning("validate: quarantined %s (%s)", rec["id"], fl[0]["reason"])
+        log.debug("validate: %s: %s", rec["id"], msg)
     val_q = pa.Table.from_pylist(q_recs, schema=QUARANTINE_SCHEMA)
 
     # 2. accepted rows, long-form flagged

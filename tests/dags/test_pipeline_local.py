@@ -53,21 +53,42 @@ def model_versions(cfg) -> list[str]:
     return sorted(v.version for v in client.search_model_versions(f"name='{cfg.registry.model_name}'"))
 
 
-def test_pipeline_local_twice_is_identical(dags_root, monkeypatch, capsys):
+def test_two_weeks_warm_start_then_a_rerun_is_identical(dags_root, tiny_landing, monkeypatch, capsys):
+    """``make pipeline-local WEEKS=2`` on the tiny profile: week 2's model starts from week 1's
+    (lineage in the registry), and the same command again recomputes and registers nothing."""
+    import shutil
+
     from devstack import local_run
     from devstack.airflow_env import airflow_env
 
     monkeypatch.setenv("ASRFLOW_ROOT", str(dags_root))
-    cfg = tiny_root_cfg(dags_root)
-    args = ["--profile", "tiny", *[a for o in FAST for a in ("--set", o)]]
+    landing = dags_root / "landing-weeks"  # its own landing zone: week 2 is synthesized into it
+    shutil.copytree(tiny_landing, landing, dirs_exist_ok=True)
+    cfg = tiny_root_cfg(dags_root, [f"paths.landing_url={landing}"])
+    args = ["--profile", "tiny", "--weeks", "2", "--set", f"paths.landing_url={landing}",
+            *[a for o in FAST for a in ("--set", o)]]
 
     assert local_run.main(args) == 0
     out1 = capsys.readouterr().out
-    assert "▶ ingest" in out1 and "✔ train: success" in out1, out1[-3000:]
+    assert "━━ week 2 ━━" in out1 and "══ weeks ══" in out1, out1[-3000:]
+    assert out1.count("✔ train: success") == 2, out1[-3000:]
     first = snapshot(dags_root)
     assert set(first) == set(STEPS), f"steps without output: {set(STEPS) - set(first)}"
     versions = model_versions(cfg)
-    assert versions, "the first run registered no model version"
+    assert len(versions) == 2, versions
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.registry.tracking_uri, registry_uri=cfg.registry.tracking_uri)
+    v1, v2 = (client.get_model_version(cfg.registry.model_name, v) for v in versions)
+    assert v1.tags["asrflow.parent_version"] == "scratch"
+    assert v2.tags["asrflow.parent_version"] == str(v1.version)  # week 2 fine-tuned week 1's model
+    assert v2.tags["asrflow.new_batches"] == "week-002"
+    assert v2.tags["asrflow.batches"] == "week-001,week-002"
+    assert v2.tags["asrflow.data_snapshot_tag"] != v1.tags["asrflow.data_snapshot_tag"]
+    # the table that ends the run: one row per week, week 2's parent is week 1's version
+    table = out1[out1.index("══ weeks ══"):]
+    row2 = next(line.split() for line in table.splitlines() if line.strip().startswith("2 "))
+    assert row2[1] == str(v2.version) and row2[2] == str(v1.version)
 
     t0 = time.monotonic()
     assert local_run.main(args) == 0
@@ -77,12 +98,11 @@ def test_pipeline_local_twice_is_identical(dags_root, monkeypatch, capsys):
     second = snapshot(dags_root)
     assert second == first  # same keys, same bytes, no _SUCCESS.json rewritten
     assert model_versions(cfg) == versions
-    assert "steps recomputed in this run: none" in out2, out2[-3000:]
-    assert "nothing new registered" in out2 or "promote skipped" in out2
+    assert out2.count("steps recomputed in this run: none") == 2, out2[-3000:]
 
-    # the run went through Airflow: its metadata DB holds both runs of the same logical date
+    # the runs went through Airflow: its metadata DB holds them, one logical date per week
     from devstack.local_run import state_db
 
     runs = state_db(airflow_env(cfg)).dag_runs("asr_retraining")
-    rows = [(r["state"], r["logical_date"]) for r in runs if (r["logical_date"] or "").startswith("2026-01-05")]
-    assert rows and all(state == "success" for state, _ in rows)
+    dates = {(r["logical_date"] or "")[:10] for r in runs if r["state"] == "success"}
+    assert {"2026-01-05", "2026-01-12"} <= dates

@@ -27,7 +27,7 @@ def runner(tmp_path_factory):
 def _rows(**overrides):
     base = {
         "id": ["a", "b", "c", "d", "e"],
-        "audio_hash": ["0" * 64] * 5,
+        "audio_hash": [f"{i:064x}" for i in range(5)],
         "num_samples": [16000, 32000, 16000, 16000, 16000],
         "audio_frames": [16000.0, 32000.0, 16000.0, float("nan"), 16000.0],
         "audio_sample_rate": [16000.0, 16000.0, 8000.0, float("nan"), 16000.0],
@@ -60,6 +60,19 @@ def test_row_failures_map_back_to_ids_with_reasons(runner):
     assert {f["value"] for f in failures["e"] if f["reason"] == "duration_out_of_bounds"} == {0.1}
     good, res = runner.validate_rows(_rows().iloc[:3].assign(audio_sample_rate=16000.0))
     assert good == {} and res.success
+
+
+def test_duplicate_audio_breaks_the_row_contract(runner):
+    """The same audio under two ids would land in train and dev (the split hashes ids): the
+    contract flags every row that shares its audio_hash with another (issue 13)."""
+    df = _rows().iloc[:3].assign(audio_sample_rate=16000.0)
+    df.loc[2, "audio_hash"] = df.loc[0, "audio_hash"]
+    failures, res = runner.validate_rows(df)
+    assert not res.success
+    assert {rid: [f["reason"] for f in fl] for rid, fl in failures.items()} == {
+        "a": ["duplicate_audio"],
+        "c": ["duplicate_audio"],
+    }
 
 
 def test_batch_frame_and_suite(runner):

@@ -184,3 +184,66 @@ def test_set_bucket_batch_sizes_from_bucket_max_durations():
     batches = list(s)
     assert sorted(i for b in batches for i in b) == list(range(400))
     assert all(len(b) <= min(sizes[bucket_of[i]] for i in b) for b in batches)
+
+
+# -- replay (warm-started training: all new utterances + a share of old ones each epoch) ---------
+
+
+@given(durations_st, st.data(), st.floats(0.0, 0.9), st.integers(1, 3), st.integers(0, 4), st.integers(1, 3))
+@common
+def test_replay_puts_every_new_utterance_in_each_epoch_and_the_share_of_old(durs, data, share, repeats, epoch, world):
+    new = data.draw(st.lists(st.booleans(), min_size=len(durs), max_size=len(durs)))
+    n_new, n_old = sum(new), len(new) - sum(new)
+    want_old = min(round(share / (1 - share) * n_new * repeats), n_old)
+    got: list[int] = []
+    for rank in range(world):  # the ranks together hold the epoch
+        s = DynamicBucketingSampler(durs, 30.0, 4, seed=5, rank=rank, world_size=world, new_mask=new,
+                                    replay_share=share, new_repeats=repeats)
+        s.set_epoch(epoch)
+        got += [i for b in s for i in b]
+    counts = np.bincount(got, minlength=len(durs))
+    if world > 1:
+        # equal batch counts per rank may repeat a batch when too few can be split: coverage only
+        exp = [1] * len(durs) if n_new == 0 else [repeats if x else 0 for x in new]
+        assert all(c >= e for c, e in zip(counts, exp, strict=True))
+        return
+    if n_new == 0:
+        assert counts.tolist() == [1] * len(durs)  # nothing new: a plain epoch
+        return
+    assert all(counts[i] == repeats for i in range(len(durs)) if new[i])
+    olds = [int(counts[i]) for i in range(len(durs)) if not new[i]]
+    assert set(olds) <= {0, 1}
+    assert sum(olds) == want_old
+
+
+def test_replay_draws_other_old_utterances_each_epoch_and_resumes_exactly():
+    rng = np.random.default_rng(0)
+    durs = rng.uniform(0.5, 6.0, 300).tolist()
+    new = [i >= 240 for i in range(300)]  # 60 new, 240 old
+    kw = dict(seed=9, new_mask=new, replay_share=0.5)
+    s = DynamicBucketingSampler(durs, 20.0, 6, **kw)
+    old_sets = []
+    for e in range(3):
+        s.set_epoch(e)
+        flat = [i for b in s for i in b]
+        old_sets.append({i for i in flat if i < 240})
+        assert len(old_sets[-1]) == 60 and set(range(240, 300)) <= set(flat)
+    assert old_sets[0] != old_sets[1] != old_sets[2]  # the old sample changes with the epoch
+    # exact resume mid-epoch, replay included
+    s.set_epoch(1)
+    full = list(s)
+    r = DynamicBucketingSampler(durs, 20.0, 6, **kw)
+    r.set_epoch(1)
+    it = iter(r)
+    head = [next(it) for _ in range(5)]
+    state = r.state_dict()
+    r2 = DynamicBucketingSampler(durs, 20.0, 6, **kw)
+    r2.load_state_dict(state)
+    assert head + list(r2) == full
+
+
+def test_replay_arguments_are_checked():
+    with pytest.raises(ValueError, match="replay_share"):
+        DynamicBucketingSampler([1.0, 2.0], 10.0, 1, new_mask=[True, False], replay_share=1.0)
+    with pytest.raises(ValueError, match="new_mask"):
+        DynamicBucketingSampler([1.0, 2.0], 10.0, 1, new_mask=[True])

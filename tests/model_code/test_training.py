@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -140,3 +141,64 @@ def test_memory_probe_caps_batches_and_is_cached(tmp_path):
     b = tiny_args(tmp_path / "b", epochs=1, sampler=sampler_cfg, save_model=False)
     b.train_index, b.dev_index = a.train_index, a.dev_index
     assert train(b)["bucket_batch_sizes"] == caps and len(json.loads(cache.read_text())) == 1
+
+
+# -- warm start + replay (continual training) ------------------------------------------------------
+
+
+def test_warm_start_loads_the_parent_weights_exactly(tmp_path):
+    """A zero-LR step from the parent's weights leaves them as they were: the parent's outputs
+    are reproduced (dropout off), while the same run from scratch is a different model."""
+    parent = train(tiny_args(tmp_path / "p", epochs=1))
+    weights = tmp_path / "p" / "out" / "model" / "weights.pt"
+    parent_model, _, _ = load_model_dir(weights.parent)
+    kw = dict(epochs=1, lr=0.0, weight_decay=0.0, max_steps=1, seed=5)
+    warm = train(tiny_args(tmp_path / "w", init_weights=str(weights), **kw))
+    cold = train(tiny_args(tmp_path / "c", **kw))
+    assert warm["params_sha256"] == parent["params_sha256"] == params_digest(parent_model)
+    assert cold["params_sha256"] != parent["params_sha256"]
+    child, _, _ = load_model_dir(tmp_path / "w" / "out" / "model")
+    x = torch.randn(2, 60, 80)
+    lens = torch.tensor([60, 41])
+    parent_model.eval()
+    child.eval()
+    with torch.no_grad():
+        a, _ = parent_model(x, lens)
+        b, _ = child(x, lens)
+    assert torch.equal(a, b)
+
+
+def test_replay_trains_on_every_new_utterance_and_resumes_exactly(tmp_path):
+    """Replay mode: each epoch holds all new-week utterances and the configured share of old
+    ones; a run killed mid-epoch resumes to the same weights."""
+    from tests.model_code.train_helpers import write_synthetic_index
+
+    data = tmp_path / "data"
+    idx = write_synthetic_index(data, 40, seed=1, name="train")
+    write_synthetic_index(data, 8, seed=2, name="dev")
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(idx)
+    batches = ["week-001"] * 30 + ["week-002"] * 10
+    t = t.set_column(t.schema.get_field_index("batch"), "batch", pa.array(batches))
+    pq.write_table(t, idx)
+    replay = {"new_batches": ["week-002"], "share": 0.5, "new_repeats": 1}
+    a = tiny_args(tmp_path, epochs=2, replay=replay, record_batches=True, checkpoint_dir=str(tmp_path / "ck"))
+    full = train(a)
+    ids = [json.loads(x)["idx"] for x in (tmp_path / "out" / "batches_rank0.jsonl").read_text().splitlines()]
+    per_epoch = len(ids) // 2
+    for e in range(2):
+        seen = [i for b in ids[e * per_epoch:(e + 1) * per_epoch] for i in b]
+        assert set(range(30, 40)) <= set(seen)  # every new utterance, every epoch
+        assert sum(1 for i in seen if i < 30) == 10  # old ones: share 0.5 of the epoch
+    # resume: the same run SIGKILLed after step 3 (checkpoint every 2) and restarted gives the same weights
+    import signal
+
+    from model_code.ds_launch import launch
+
+    b = tiny_args(tmp_path / "r", epochs=2, replay=replay, checkpoint_dir=str(tmp_path / "r" / "ck"),
+                  train_index=str(idx), dev_index=a.dev_index, checkpoint_every_steps=2)
+    with pytest.raises(RuntimeError, match=f"exited with -{int(signal.SIGKILL)}"):
+        launch(b, world_size=1, launcher="inprocess", env={"ASRFLOW_TRAIN_FAULT": "after_step:3"}, poll_s=0.2)
+    resumed = launch(b, world_size=1, launcher="inprocess", poll_s=0.2)
+    assert resumed["resumed_from"] == 2 and resumed["params_sha256"] == full["params_sha256"]

@@ -145,3 +145,12 @@ def greedy_wer(model_result: dict[str, Any], golden: dict[str, Any]) -> float:
 
 def wave_rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def export_and_evaluate(cfg, model_res: dict, golden_res: dict) -> tuple[dict, dict]:
+    """The real export → evaluate chain (the gate judges the exported file): ``(export, evaluate)``."""
+    from pipeline_tasks.steps import evaluate, export
+
+    ex = export.run(cfg, {"train": model_res, "golden": golden_res})
+    ev = evaluate.run(cfg, {"train": model_res, "golden": golden_res, "export": ex})
+    return ex, ev

@@ -22,6 +22,8 @@ VERBS = [[s] for s in ORDER] + [
     ["corpus", "generate"],
     ["corpus", "golden"],
     ["config", "show"],
+    ["lineage"],
+    ["landing", "import"],
 ]
 
 

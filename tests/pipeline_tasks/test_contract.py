@@ -136,8 +136,9 @@ def test_sigkill_half_way_publishes_nothing_then_retry_and_skip(tmp_path):
     p.wait()
     step_dir = tmp_path / "root" / "killable"
     assert not (step_dir / "key123").exists()
-    leftovers = [x for x in step_dir.iterdir() if x.name.startswith(TMP_PREFIX)]
-    assert len(leftovers) == 1  # the half-written temp folder, never the final one
+    leftovers = sorted(x.name for x in step_dir.iterdir() if x.name.startswith(TMP_PREFIX))
+    # the half-written temp folder (and its heartbeat file), never the final one
+    assert len(leftovers) == 2 and leftovers[1] == leftovers[0] + ".heartbeat"
 
     # 2) its retry completes (and removes the dead attempt's temp folder)
     (tmp_path / "marker").unlink()

@@ -9,9 +9,9 @@ import mlflow
 import pytest
 
 from pipeline_tasks.contract import resolve
-from pipeline_tasks.steps import evaluate, export, promote
+from pipeline_tasks.steps import evaluate, promote
 from tests.conftest import make_tiny_cfg
-from tests.pipeline_tasks.gate_helpers import greedy_wer
+from tests.pipeline_tasks.gate_helpers import export_and_evaluate, greedy_wer
 
 
 def _cfg(tmp_path, tiny_landing, tiny_golden, *extra):
@@ -66,7 +66,7 @@ def test_models_have_controlled_quality(models, golden_res):
 
 def test_first_candidate_against_the_ceiling_writes_report_and_mlflow_run(tmp_path, tiny_landing, tiny_golden, golden_res, models):
     cfg = _cfg(tmp_path, tiny_landing, tiny_golden)
-    res = evaluate.run(cfg, {"train": models["good"], "golden": golden_res})
+    res = export_and_evaluate(cfg, models["good"], golden_res)[1]
     assert res["passed"] and res["champion_version"] is None and res["champion_wer"] is None
     assert res["candidate_wer"] < 1.5 and "ceiling" in res["reason"]
     dec = json.loads(resolve(res, res["decision"]).read_text())
@@ -84,17 +84,16 @@ def test_first_candidate_against_the_ceiling_writes_report_and_mlflow_run(tmp_pa
     assert run.data.tags["asrflow.evaluate_key"] == res["key"]
     assert "gate/decision.json" in {a.path for a in client.list_artifacts(res["mlflow_run_id"], "gate")}
     # cached: same key, same result, no second run
-    assert evaluate.run(cfg, {"train": models["good"], "golden": golden_res}) == res
+    assert export_and_evaluate(cfg, models["good"], golden_res)[1] == res
     # a failed gate is a normal outcome
     strict = _cfg(tmp_path, tiny_landing, tiny_golden, "gate.absolute_wer_ceiling=0.01")
-    res2 = evaluate.run(strict, {"train": models["good"], "golden": golden_res})
+    res2 = export_and_evaluate(strict, models["good"], golden_res)[1]
     assert res2["passed"] is False and res2["key"] != res["key"] and "ceiling" in res2["reason"]
 
 
 def _make_production(cfg, model_res, golden_res):
     """Register a model as `production` through the real export + promote steps."""
-    ev = evaluate.run(cfg, {"train": model_res, "golden": golden_res})
-    ex = export.run(cfg, {"train": model_res, "golden": golden_res, "evaluate": ev})
+    ex, ev = export_and_evaluate(cfg, model_res, golden_res)
     pr = promote.run(cfg, {"export": ex, "evaluate": ev})
     split = {"key": "golden-as-dev", "dev": golden_res["index"], "output_dir": golden_res["output_dir"]}
     out = promote.promote_production(cfg, split=split)
@@ -106,13 +105,13 @@ def test_champion_comparison_rejects_worse_and_accepts_better(tmp_path, tiny_lan
     # champion = the trained model; the noised candidate must fail
     cfg = _cfg(tmp_path / "a", tiny_landing, tiny_golden, "registry.canary_max_wer=5.0")
     v = _make_production(cfg, models["good"], golden_res)
-    res = evaluate.run(cfg, {"train": models["bad"], "golden": golden_res})
+    res = export_and_evaluate(cfg, models["bad"], golden_res)[1]
     assert res["champion_version"] == v and not res["passed"]
     assert res["candidate_wer"] > res["champion_wer"] and res["p_better"] < 0.5 and res["ci95"][0] > 0
     # champion = the noised model; the trained candidate must pass, with a CI below zero
     cfg_b = _cfg(tmp_path / "b", tiny_landing, tiny_golden, "registry.canary_max_wer=5.0", "gate.absolute_wer_ceiling=10")
     _make_production(cfg_b, models["bad"], golden_res)
-    res_b = evaluate.run(cfg_b, {"train": models["good"], "golden": golden_res})
+    res_b = export_and_evaluate(cfg_b, models["good"], golden_res)[1]
     assert res_b["passed"], res_b["reason"]
     assert res_b["p_better"] >= 0.9 and res_b["ci95"][1] < 0
     dec = json.loads(resolve(res_b, res_b["decision"]).read_text())

@@ -16,7 +16,7 @@ from tests.conftest import make_tiny_cfg
 
 def test_export_parity_metadata_and_int8(tmp_path, tiny_landing, tiny_golden, golden_res, models):
     cfg = make_tiny_cfg(tmp_path / "art", tiny_landing, tiny_golden, ["export.int8_max_wer_delta=1.0"])
-    res = export.run(cfg, {"train": models["good"], "golden": golden_res, "evaluate": {}})
+    res = export.run(cfg, {"train": models["good"], "golden": golden_res})
     assert res["parity_transcripts_equal"] is True
     assert 0 <= res["parity_max_abs_diff"] <= cfg.export.parity_atol
     m = onnx.load(str(resolve(res, res["onnx"])))
@@ -34,15 +34,15 @@ def test_export_parity_metadata_and_int8(tmp_path, tiny_landing, tiny_golden, go
     report = json.loads(resolve(res, res["report"]).read_text())
     assert report["parity"]["n_utts"] == golden_res["n_utts"] and report["rtfx"]["onnx_fp32"] > 0
     # cached
-    assert export.run(cfg, {"train": models["good"], "golden": golden_res, "evaluate": {}}) == res
+    assert export.run(cfg, {"train": models["good"], "golden": golden_res}) == res
 
 
 def test_int8_is_dropped_when_worse_and_parity_failure_raises(tmp_path, tiny_landing, tiny_golden, golden_res, models):
     cfg = make_tiny_cfg(tmp_path / "art", tiny_landing, tiny_golden, ["export.int8_max_wer_delta=-1.0"])
-    res = export.run(cfg, {"train": models["good"], "golden": golden_res, "evaluate": {}})
+    res = export.run(cfg, {"train": models["good"], "golden": golden_res})
     assert res["int8_kept"] is False and res["onnx_int8"] is None and res["wer_int8"] is not None
     assert not resolve(res, "model.int8.onnx").exists()
     strict = make_tiny_cfg(tmp_path / "art2", tiny_landing, tiny_golden, ["export.parity_atol=1e-12", "export.quantize_int8=false"])
     with pytest.raises(export.ExportParityError, match="parity failed"):
-        export.run(strict, {"train": models["good"], "golden": golden_res, "evaluate": {}})
+        export.run(strict, {"train": models["good"], "golden": golden_res})
     assert not list((strict.root / "export").glob("*/_SUCCESS.json"))  # nothing published

@@ -16,8 +16,9 @@ from model_code.audio import resample as resample_np
 from model_code.metrics import error_counts
 from pipeline_tasks.contract import resolve
 from pipeline_tasks.services import inference, registry
-from pipeline_tasks.steps import evaluate, export, promote
+from pipeline_tasks.steps import promote
 from tests.conftest import make_tiny_cfg
+from tests.pipeline_tasks.gate_helpers import export_and_evaluate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,8 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 def staged(tmp_path_factory, tiny_landing, tiny_golden, golden_res, models):
     """The trained model exported and registered as `staging` (real evaluate → export → promote)."""
     cfg = make_tiny_cfg(tmp_path_factory.mktemp("inf") / "art", tiny_landing, tiny_golden, ["decode.beam_size=8"])
-    ev = evaluate.run(cfg, {"train": models["good"], "golden": golden_res})
-    ex = export.run(cfg, {"train": models["good"], "golden": golden_res, "evaluate": ev})
+    ex, ev = export_and_evaluate(cfg, models["good"], golden_res)
     pr = promote.run(cfg, {"export": ex, "evaluate": ev})
     assert pr["alias"] == "staging"
     return cfg, ex

@@ -19,8 +19,9 @@ from mlflow import MlflowClient
 
 from pipeline_tasks.contract import SUCCESS, resolve, write_json_atomic
 from pipeline_tasks.services.registry import alias_version
-from pipeline_tasks.steps import evaluate, export, promote
+from pipeline_tasks.steps import promote
 from tests.conftest import make_tiny_cfg
+from tests.pipeline_tasks.gate_helpers import export_and_evaluate
 
 
 def _fake_split(cfg, golden_res) -> dict:
@@ -38,8 +39,7 @@ def _fake_split(cfg, golden_res) -> dict:
 
 
 def _pipeline(cfg, model_res, golden_res, force=False):
-    ev = evaluate.run(cfg, {"train": model_res, "golden": golden_res})
-    ex = export.run(cfg, {"train": model_res, "golden": golden_res, "evaluate": ev})
+    ex, ev = export_and_evaluate(cfg, model_res, golden_res)
     return ev, ex, promote.run(cfg, {"export": ex, "evaluate": ev}, force=force)
 
 

@@ -1,14 +1,16 @@
-"""Tests of the embedded synthetic corpus (real espeak-ng, real files; all tiny).
+"""Tests of the embedded synthetic corpus (real espeak-ng, Festival and flite, real files; all tiny).
 
 They check what later steps rely on: the NeMo manifest schema and that it agrees with the audio,
 byte-identical output for the same seed whatever the number of jobs, new sentences each week,
 a golden set whose sentences and speakers never occur in training, long-form audio, and a
 sentence generator with enough variety (and a Zipf-like word distribution) to learn from.
+The synthesizer/channel mix, the ramp and the golden slices are in ``test_mix.py``.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,7 +46,8 @@ def test_week_manifest_schema_and_audio(tiny_landing):
     assert len(rows) == 48
     assert len({r["id"] for r in rows}) == 48
     for r in rows:
-        assert set(r) == {"id", "audio_filepath", "duration", "text", "speaker"}
+        assert set(r) == {"id", "audio_filepath", "duration", "text", "speaker", "synth", "condition"}
+        assert r["synth"] in ("espeak", "festival") and r["condition"] in corpus.CONDITIONS
         assert (
             isinstance(r["duration"], float) and isinstance(r["text"], str) and isinstance(r["speaker"], str)
         )
@@ -56,10 +59,10 @@ def test_week_manifest_schema_and_audio(tiny_landing):
         assert TEXT_RE.fullmatch(r["text"]), r["text"]
         assert corpus.MIN_WORDS <= len(r["text"].split()) <= corpus.MAX_WORDS or r["duration"] > 20
         assert 0.5 < r["duration"] < 60
-        assert len(r["text"]) / r["duration"] < 30  # espeak really spoke the text, at a speakable rate
-    # not silence, not clipped noise: the level sits in a sane range
-    x, _ = sf.read(manifest.parent / rows[0]["audio_filepath"])
-    assert 0.2 < np.max(np.abs(x)) < 1.0
+        assert len(r["text"]) / r["duration"] < 30  # the text was really spoken, at a speakable rate
+        # not silence, not clipped noise: the level sits in the drawn range (peak -20 to -1.5 dBFS)
+        x, _ = sf.read(audio)
+        assert 0.09 < np.max(np.abs(x)) < 0.85
 
 
 def test_same_seed_is_byte_identical_whatever_jobs(tmp_path, caplog):
@@ -96,14 +99,16 @@ def test_golden_is_disjoint_from_training(tiny_landing, tiny_golden):
     assert all(TEXT_RE.fullmatch(r["text"]) for r in golden)
     assert not {r["text"] for r in golden} & {r["text"] for r in train}
     # disjoint by construction: every golden sentence is in the golden hash partition, no training one is
-    assert all(corpus.is_golden_sentence(r["text"]) for r in golden)
-    assert not any(corpus.is_golden_sentence(r["text"]) for r in train)
-    # golden speakers come from voice combinations that training weeks never use
+    # (a long-form row joins several sentences of its partition: its whole text is not one sentence)
+    assert all(corpus.is_golden_sentence(r["text"]) for r in golden if r["duration"] <= 20)
+    assert not any(corpus.is_golden_sentence(r["text"]) for r in train if r["duration"] <= 20)
+    # golden espeak speakers come from voice combinations that training weeks never use
     train_pool = {corpus.speaker_id(*s) for s in corpus.speakers(False)}
     golden_pool = {corpus.speaker_id(*s) for s in corpus.speakers(True)}
     assert train_pool.isdisjoint(golden_pool) and len(golden_pool) > 50
-    assert {r["speaker"] for r in golden} <= golden_pool
-    assert {r["speaker"] for r in train} <= train_pool
+    assert {r["speaker"] for r in golden if r["synth"] == "espeak"} <= golden_pool
+    # (a training espeak speaker may carry a signal-level warp suffix: _w+100)
+    assert {r["speaker"].split("_w")[0] for r in train if r["synth"] == "espeak"} <= train_pool
     # ...while every base voice and every variant is still heard in training
     assert {v for v, _, _ in corpus.speakers(False)} == set(corpus.VOICES)
     assert {var for _, var, _ in corpus.speakers(False)} == set(corpus.VARIANTS)
@@ -159,8 +164,9 @@ def test_lexicon_is_committed_and_clean():
 
 def test_noise_is_added_at_the_drawn_snr():
     sr = corpus.SAMPLE_RATE
-    tone = (np.sin(2 * np.pi * 220 * np.arange(sr) / sr) * 12000).astype(np.int16)
-    y = corpus._postprocess(tone, np.random.default_rng(3), (20.0, 20.0)).astype(float)
+    tone = np.sin(2 * np.pi * 220 * np.arange(sr) / sr) * 0.4
+    job = corpus._Job(Path(), "x", (1,), False, corpus.Mix(), 0.0, (20.0, 20.0))
+    y = corpus._channel(tone, "clean", np.random.default_rng(3), job, []).astype(float)
     lead = int(0.04 * sr)  # the added leading silence holds only noise
     noise_rms = np.sqrt(np.mean(y[:lead] ** 2))
     sig_rms = np.sqrt(np.mean(y[y.size // 3 : 2 * y.size // 3] ** 2))
@@ -176,11 +182,28 @@ def test_noise_is_added_at_the_drawn_snr():
         {"jobs": -1},
         {"long_form_share": 1.5},
         {"noise_snr_db": (40.0, 10.0)},
+        {"mix": corpus.Mix(synth_shares={"flite": 0.1})},
+        {"mix": corpus.Mix(synth_shares={"festival": 0.7, "mbrola": 0.5})},
+        {"mix": corpus.Mix(condition_shares={"reverb": 0.8, "noisy": 0.4})},
+        {"mix": corpus.Mix(reverb_rt60_s=(1.0, 0.2))},
+        {"mix": corpus.Mix(diversity_ramp_weeks=-1)},
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, kwargs):
     args = {"week": 1, "utterances": 2, "seed": 1, "jobs": 1, **kwargs}
-    with pytest.raises(corpus.CorpusError, match=next(iter(kwargs))):
+    mix = kwargs.get("mix")
+    what = next(iter(kwargs))
+    if mix:  # the error names the offending field (or flite)
+        what = (
+            "flite"
+            if "flite" in mix.synth_shares
+            else next(
+                f.name
+                for f in dataclasses.fields(mix)
+                if getattr(mix, f.name) != getattr(corpus.Mix(), f.name)
+            )
+        )
+    with pytest.raises(corpus.CorpusError, match=what):
         corpus.generate_week(tmp_path, **args)
     assert not (tmp_path / "week-001" / "manifest.jsonl").exists()
 

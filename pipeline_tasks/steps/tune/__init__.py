@@ -76,7 +76,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.config import AsrflowConfig, config_from_dict
+from pipeline_tasks.config import AsrflowConfig, config_from_dict, with_overrides
 from pipeline_tasks.contract import (
     StepRun,
     run_step,
@@ -125,6 +125,28 @@ from pipeline_tasks.steps.tune.study import (  # noqa: F401
 log = logging.getLogger(__name__)
 
 
+def with_parent(cfg: AsrflowConfig, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` plus ``parent``: the model the trials start from (the one train will start from).
+
+    In warm mode every proxy trial fine-tunes the same parent, so the trials' dev scores are a
+    real signal, and the parent is part of the study's identity (a new parent, a new study).
+    """
+    if "parent" in inputs:
+        return inputs
+    from pipeline_tasks.services.parent import parent_for_split
+
+    parent = parent_for_split(cfg, inputs["split"])
+    return {**inputs, "parent": parent.record()}
+
+
+def effective_config(cfg: AsrflowConfig, inputs: dict[str, Any]) -> AsrflowConfig:
+    """``tune.metric: auto`` resolved: ``dev_wer`` for warm-started trials, else ``dev_loss``."""
+    if cfg.tune.metric != "auto":
+        return cfg
+    warm = bool((inputs.get("parent") or {}).get("model_dir"))
+    return with_overrides(cfg, {"tune.metric": "dev_wer" if warm else "dev_loss"})
+
+
 def prepare(cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Create (or load) the study and its MLflow parent run. Idempotent.
 
@@ -140,6 +162,8 @@ def prepare(cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, 
             "enabled": False,
         }
     validate_space(cfg)
+    inputs = with_parent(cfg, inputs)
+    cfg = effective_config(cfg, inputs)
     name = study_name(cfg, inputs)
     study = open_study(cfg, name, heartbeat=False)
     if "space" not in study.user_attrs:
@@ -176,6 +200,8 @@ def run_worker(
     if not cfg.tune.enabled:
         return {"worker": worker_index, "complete": 0, "pruned": 0, "failed": 0, "surplus": 0}
     validate_space(cfg)
+    inputs = with_parent(cfg, inputs)
+    cfg = effective_config(cfg, inputs)
     name = study_name(cfg, inputs)
     study = open_study(cfg, name, worker_index=worker_index)
     parent = _parent_run_id(cfg, study, prepare_if_missing=True)
@@ -195,16 +221,35 @@ def run_worker(
 
         mlflow_call("setup", lambda: mlflow_setup(cfg))
     objective = TrialRunner(cfg, inputs, study, name, worker_index, parent, fn)
+    consecutive_failures = 0
 
     def count(study_, frozen) -> None:
+        nonlocal consecutive_failures
         if frozen.user_attrs.get("surplus"):
             mine["surplus"] += 1
         elif frozen.state == TrialState.COMPLETE:
             mine["complete"] += 1
+            consecutive_failures = 0
         elif frozen.state == TrialState.PRUNED:
             mine["pruned"] += 1
+            consecutive_failures = 0
         else:
             mine["failed"] += 1
+            consecutive_failures += 1
+
+    def budget_failures() -> int:
+        """Failed trials that use up the budget: not surplus, not re-run by the stale-trial retry.
+        Without this, a study whose trials all fail (NaN scores) with pruner none or
+        multi-objective and no timeout_s would start new trials forever."""
+        from optuna.storages import RetryFailedTrialCallback
+
+        trials = study.get_trials(deepcopy=False)
+        retried = {RetryFailedTrialCallback.retried_trial_number(x) for x in trials} - {None}
+        return sum(
+            1
+            for x in trials
+            if x.state == TrialState.FAIL and not x.user_attrs.get("surplus") and x.number not in retried
+        )
 
     deadline = None if t.timeout_s is None else time.monotonic() + float(t.timeout_s)
     stop = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -213,10 +258,23 @@ def run_worker(
         c = _counts(study)
         if c["finished"] >= n_trials:
             break
+        failed = budget_failures()
+        if c["finished"] + failed >= n_trials:
+            log.warning(
+                "tune: worker %d stops: %d finished + %d failed trials use up n_trials=%d",
+                worker_index, c["finished"], failed, n_trials,
+            )
+            break
+        if consecutive_failures >= t.max_consecutive_failures:
+            log.warning(
+                "tune: worker %d stops after %d failed trials in a row (tune.max_consecutive_failures)",
+                worker_index, consecutive_failures,
+            )
+            break
         if deadline is not None and time.monotonic() > deadline:
             log.warning("tune: worker %d reached timeout_s=%s", worker_index, t.timeout_s)
             break
-        if c["finished"] + c["running"] + c["waiting"] >= n_trials and c["waiting"] == 0:
+        if c["finished"] + failed + c["running"] + c["waiting"] >= n_trials and c["waiting"] == 0:
             # The remaining trials are running in other workers: wait, and keep failing
             # (and thereby re-queueing) trials whose worker stopped sending heartbeats.
             time.sleep(_POLL_S)
@@ -395,6 +453,8 @@ def finalize(
     """Publish the study's outcome under the step contract (best config, plots, importances)."""
     if not cfg.tune.enabled:
         return run(cfg, inputs, force=force)
+    inputs = with_parent(cfg, inputs)
+    cfg = effective_config(cfg, inputs)
     key = step_key_for(cfg, inputs)
     return run_step(
         cfg.root,
@@ -432,9 +492,12 @@ def run(
     ``trial_fn`` (``"module:function"``, importable in a spawned process) replaces the real
     ``fit`` trial; tests use it to exercise the storage and worker logic quickly.
     """
-    key = step_key_for(cfg, inputs)
     if not cfg.tune.enabled:
+        key = step_key_for(cfg, inputs)
         return run_step(cfg.root, STEP, key, lambda tmp: _disabled_work(cfg, tmp), force=force)
+    inputs = with_parent(cfg, inputs)
+    cfg = effective_config(cfg, inputs)
+    key = step_key_for(cfg, inputs)
     if not force:
         done = StepRun(cfg.root, STEP, key).done()
         if done is not None:

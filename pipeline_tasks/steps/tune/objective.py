@@ -19,6 +19,7 @@ from pipeline_tasks.config import AsrflowConfig, with_overrides
 from pipeline_tasks.contract import (
     resolve,
 )
+from pipeline_tasks.services.parent import Parent, incompatibilities
 from pipeline_tasks.services.tracking import mlflow_call
 from pipeline_tasks.steps.tune.space import derive_overrides, estimate_params, sample_params
 from pipeline_tasks.steps.tune.study import STEP
@@ -43,6 +44,7 @@ class TrialContext:
     multi_objective: bool
     latency_max_utts: int
     trial_number: int
+    parent: dict[str, Any] | None = None  # services.parent.Parent.record(): warm-started trials
 
 
 class _SurplusTrial(Exception):
@@ -135,6 +137,7 @@ def fit_trial(trial_cfg: AsrflowConfig, ctx: TrialContext, on_epoch_end) -> dict
         mlflow_nested=False,  # log into the trial's run (active when MLflow is on)
         max_minutes=trial_cfg.tune.trial_max_minutes,
         mlflow_tags={"asrflow.tune_trial": str(ctx.trial_number)},
+        parent=Parent.from_record(ctx.parent) if ctx.parent else None,
     )
     out = {"dev_wer": float(res["dev_wer"]), "dev_cer": res.get("dev_cer"), "dev_loss": res.get("dev_loss")}
     if ctx.multi_objective:
@@ -207,6 +210,7 @@ class TrialRunner:
             multi_objective=self.t.multi_objective,
             latency_max_utts=self.t.latency_max_utts,
             trial_number=trial.number,
+            parent=self.inputs.get("parent"),
         )
         shutil.rmtree(ctx.out_dir, ignore_errors=True)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +264,7 @@ class TrialRunner:
     def _configure(self, trial) -> tuple[dict[str, Any], AsrflowConfig]:
         import optuna
 
-        params = sample_params(trial, self.cfg)
+        params = sample_params(trial, self.cfg, warm=Parent.from_record(self.inputs.get("parent")).warm)
         overrides, info = derive_overrides(self.cfg, params)
         trial.set_user_attr("overrides", overrides)
         if info:
@@ -272,6 +276,12 @@ class TrialRunner:
             if n_params > self.t.max_params:
                 trial.set_user_attr("rejected", "param_budget")
                 raise optuna.TrialPruned(f"{n_params} parameters > budget {self.t.max_params}")
+        parent = Parent.from_record(self.inputs.get("parent"))
+        if parent.warm:
+            bad = incompatibilities(trial_cfg, parent.info())
+            if bad:  # e.g. a sampled width: the trial cannot start from the parent's weights
+                trial.set_user_attr("rejected", "incompatible_with_parent")
+                raise optuna.TrialPruned(f"does not fit the parent model: {'; '.join(bad)}")
         return overrides, trial_cfg
 
     def _start_run(self, trial):

@@ -123,6 +123,7 @@ def _fidelity_check(
             multi_objective=False,
             latency_max_utts=t.latency_max_utts,
             trial_number=x.number,
+            parent=inputs.get("parent"),
         )
         shutil.rmtree(ctx.out_dir, ignore_errors=True)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)

@@ -75,18 +75,19 @@ def _suggest(trial, name: str, p: SearchParam) -> Any:
     return trial.suggest_categorical(name, list(p.choices))
 
 
-def sample_params(trial, cfg: AsrflowConfig) -> dict[str, Any]:
+def sample_params(trial, cfg: AsrflowConfig, warm: bool = False) -> dict[str, Any]:
     """Sample ``tune.space`` into ``{dotted key: value}``; conditional params only when active.
 
     A condition ``{dep: want}`` holds when ``dep``'s value (sampled, or the base config's when
     ``dep`` is not in the space) equals ``want`` (or is one of ``want`` when it is a list).
+    ``warm_only`` params are sampled only for warm-started trials (they change nothing else).
     """
     space = cfg.tune.space
     base = cfg.dump()
     values: dict[str, Any] = {}
     for name in _sampling_order(space):
         p = space[name]
-        active = True
+        active = warm or not p.warm_only
         for dep, want in (p.condition or {}).items():
             if dep in space:
                 if dep not in values or not _matches(values[dep], want):

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.config import AsrflowConfig
+from pipeline_tasks.config import AsrflowConfig, redact_url
 from pipeline_tasks.contract import (
     canonical_json,
     sha256_hex,
@@ -37,6 +37,7 @@ _OPERATIONAL_FIELDS = (
     "trial_max_minutes",
     "enabled",
     "plots",
+    "max_consecutive_failures",
 )
 # train fields that do not change a trial's result (or are set by the tune step itself)
 _TRAIN_OPERATIONAL = (
@@ -66,6 +67,14 @@ def _search_identity(cfg: AsrflowConfig) -> dict[str, Any]:
     }
 
 
+def _parent_identity(inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The warm-start parent of the trials (None: from scratch): a new parent, a new study."""
+    p = inputs.get("parent")
+    if not p or not p.get("model_dir"):
+        return None
+    return {"version": p.get("version"), "weights_md5": p.get("weights_md5")}
+
+
 def space_hash(cfg: AsrflowConfig) -> str:
     """Hash of the search space alone (12 hex chars)."""
     return sha256_hex(canonical_json({k: v.model_dump(mode="json") for k, v in cfg.tune.space.items()}))[:12]
@@ -75,7 +84,8 @@ def study_name(cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]]) -> str:
     """``asrflow-tune-<proxy md5[:10]>-<space hash>-<settings hash>``: same inputs, same study."""
     split = inputs["split"]
     settings = sha256_hex(
-        canonical_json({"identity": _search_identity(cfg), "dev_md5": split.get("dev_md5")})
+        canonical_json({"identity": _search_identity(cfg), "dev_md5": split.get("dev_md5"),
+                        "parent": _parent_identity(inputs)})
     )
     return f"asrflow-tune-{split['proxy_md5'][:10]}-{space_hash(cfg)}-{settings[:10]}"
 
@@ -90,19 +100,14 @@ def step_key_for(cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]]) -> str:
     return step_key(
         STEP,
         {"identity": _search_identity(cfg), "n_trials": cfg.tune.n_trials, "fidelity": fin},
-        {"proxy_md5": split["proxy_md5"], "dev_md5": split.get("dev_md5")},
+        {"proxy_md5": split["proxy_md5"], "dev_md5": split.get("dev_md5"), "parent": _parent_identity(inputs)},
         CODE_VERSION,
     )
 
 
 def redact(url: str) -> str:
-    """A storage URL with its password replaced by ``***``."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL
-        return url
+    """A storage URL with its credentials replaced by ``***`` (userinfo, secret query params)."""
+    return redact_url(str(url))
 
 
 def _quiet_optuna() -> None:
