@@ -10,7 +10,8 @@ WEEKS ?=
 ASRFLOW_ROOT ?= $(CURDIR)/artifacts/$(PROFILE)
 export PYTHONHASHSEED := 0
 
-# Debian packages the project needs (espeak-ng synthesizes the embedded corpus;
+# Debian packages the project needs (espeak-ng + Festival voices synthesize the embedded corpus,
+# flite the golden set's unseen synthesizer;
 # chromium + chromedriver drive the Airflow UI test; postgresql + redis for distributed mode).
 APT_PACKAGES := espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite sox chromium chromium-driver postgresql redis-server
 APT_STAMP := $(VENV)/.apt-installed

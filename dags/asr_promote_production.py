@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import DEFAULT_PROFILE, profiles, retry_kwargs, run_config
+from _common import DEFAULT_PROFILE, default_args, profiles, retry_kwargs, run_config
 from airflow.sdk import Asset, Param, dag, task
 
 PRODUCTION_MODEL = Asset("asrflow://model-production")
@@ -41,7 +41,7 @@ PRODUCTION_MODEL = Asset("asrflow://model-production")
     max_active_runs=1,
     doc_md=__doc__,
     tags=["asrflow", "promotion"],
-    default_args={"owner": "asrflow", "retries": 0},
+    default_args=default_args(),  # finite execution_timeout on every task (airflow.execution_timeout_s)
     params={
         "profile": Param(
             DEFAULT_PROFILE,
@@ -72,7 +72,7 @@ def asr_promote_production():
         print(f"asr_promote_production: {action}")
         return action
 
-    @task(task_id="canary_check", multiple_outputs=False, **retry_kwargs())
+    @task(task_id="canary_check", multiple_outputs=False, **retry_kwargs(task="canary_check"))
     def canary_check() -> dict:
         """WER of the `staging` version on the newest week's dev rows; fails the run if too high."""
         from airflow.sdk.exceptions import AirflowFailException  # fail now: retrying will not help
@@ -86,13 +86,13 @@ def asr_promote_production():
         print(res["verdict"])
         return res
 
-    @task(task_id="promote_production", multiple_outputs=False, outlets=[PRODUCTION_MODEL], **retry_kwargs())
+    @task(task_id="promote_production", multiple_outputs=False, outlets=[PRODUCTION_MODEL], **retry_kwargs(task="promote_production"))
     def promote_production(canary: dict) -> dict:
         from pipeline_tasks.steps import promote
 
         return promote.promote_production(run_config())
 
-    @task(task_id="rollback", multiple_outputs=False, outlets=[PRODUCTION_MODEL], **retry_kwargs())
+    @task(task_id="rollback", multiple_outputs=False, outlets=[PRODUCTION_MODEL], **retry_kwargs(task="rollback"))
     def rollback() -> dict:
         from pipeline_tasks.steps import promote
 

@@ -47,6 +47,7 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (
+    default_args,
     force_flag,
     retrain_schedule,
     retry_kwargs,
@@ -74,11 +75,11 @@ _S = task_settings()
     params=run_params(),
     doc_md=__doc__,
     tags=["asrflow", "retraining"],
-    default_args={"owner": "asrflow", "retries": 0},
+    default_args=default_args(),  # finite execution_timeout on every task (airflow.execution_timeout_s)
     render_template_as_native_obj=False,
 )
 def asr_retraining():
-    @task(task_id="ingest", multiple_outputs=False, outlets=[RAW_SNAPSHOT], **retry_kwargs())
+    @task(task_id="ingest", multiple_outputs=False, outlets=[RAW_SNAPSHOT], **retry_kwargs(task="ingest"))
     def ingest() -> dict:
         return run_step("ingest", {})
 
@@ -94,7 +95,7 @@ def asr_retraining():
         print(f"featurize: {len(shards)} shard(s) to compute")
         return shards
 
-    @task(task_id="featurize_shard", multiple_outputs=False, **retry_kwargs(1))
+    @task(task_id="featurize_shard", multiple_outputs=False, **retry_kwargs(1, task="featurize_shard"))
     def featurize_shard(shard: dict, validate_res: dict) -> dict:
         from pipeline_tasks.steps import featurize
 
@@ -120,7 +121,7 @@ def asr_retraining():
     def split(featurize_res: dict, golden_res: dict) -> dict:
         return run_step("split", {"featurize": featurize_res, "golden": golden_res})
 
-    @task(task_id="tune_prepare", multiple_outputs=False, **retry_kwargs())
+    @task(task_id="tune_prepare", multiple_outputs=False, **retry_kwargs(task="tune_prepare"))
     def tune_prepare(split_res: dict, **context) -> list[int]:
         """Open (or find) the Optuna study; returns the worker indices to map over."""
         from pipeline_tasks.steps import tune
@@ -132,7 +133,7 @@ def asr_retraining():
         print(f"tune: {len(workers)} worker(s), {cfg.tune.n_trials} trial(s), enabled={cfg.tune.enabled}")
         return workers
 
-    @task(task_id="tune_worker", multiple_outputs=False, **retry_kwargs())
+    @task(task_id="tune_worker", multiple_outputs=False, **retry_kwargs(task="tune_worker"))
     def tune_worker(worker_index: int, split_res: dict) -> dict:
         from pipeline_tasks.steps import tune
 
@@ -142,7 +143,7 @@ def asr_retraining():
         task_id="tune_finalize",
         multiple_outputs=False,
         trigger_rule=TriggerRule.NONE_FAILED,
-        **retry_kwargs(),
+        **retry_kwargs(task="tune_finalize"),
     )
     def tune_finalize(split_res: dict, worker_results) -> dict:
         from pipeline_tasks.steps import tune
@@ -156,7 +157,7 @@ def asr_retraining():
         pool=_S["gpu_pool"],
         pool_slots=_S["gpu_pool_slots"],
         queue=_S["train_queue"],
-        **retry_kwargs(1),
+        **retry_kwargs(1, task="train"),
     )
     def train(split_res: dict, tune_res: dict) -> dict:
         return run_step("train", {"split": split_res, "tune": tune_res})
@@ -165,7 +166,7 @@ def asr_retraining():
     def export(train_res: dict, golden_res: dict) -> dict:
         return run_step("export", {"train": train_res, "golden": golden_res})
 
-    @task(task_id="evaluate", multiple_outputs=False, **retry_kwargs())
+    @task(task_id="evaluate", multiple_outputs=False, **retry_kwargs(task="evaluate"))
     def evaluate(train_res: dict, golden_res: dict, export_res: dict) -> dict:
         return run_step("evaluate", {"train": train_res, "golden": golden_res, "export": export_res})
 
@@ -183,7 +184,7 @@ def asr_retraining():
         ti.xcom_push(key="gate", value=gate)
         return ok
 
-    @task(task_id="promote", multiple_outputs=False, outlets=[STAGING_MODEL], **retry_kwargs())
+    @task(task_id="promote", multiple_outputs=False, outlets=[STAGING_MODEL], **retry_kwargs(task="promote"))
     def promote(export_res: dict, evaluate_res: dict) -> dict:
         return run_step("promote", {"export": export_res, "evaluate": evaluate_res})
 

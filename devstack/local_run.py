@@ -93,7 +93,7 @@ def ensure_data(cfg: AsrflowConfig, week: int | None) -> int:
     have = landing_weeks(landing)
     wanted = ([1] if not have else []) + ([week] if week is not None else [])
     for want in sorted(set(wanted) - set(have)):
-        say(f"• synthesizing week {want}: {c.utterances_per_week} utterances into {landing} (espeak-ng) ...")
+        say(f"• synthesizing week {want}: {c.utterances_per_week} utterances into {landing} (espeak-ng + Festival) ...")
         t0 = time.monotonic()
         res = corpus.generate_week(
             landing,
@@ -103,6 +103,7 @@ def ensure_data(cfg: AsrflowConfig, week: int | None) -> int:
             jobs=c.jobs,
             long_form_share=c.long_form_share,
             noise_snr_db=tuple(c.noise_snr_db),
+            mix=corpus.Mix.from_config(c),
         )
         say(f"  {res['n']} utterances, {res['hours']:.2f} h of speech in {time.monotonic() - t0:.0f}s")
     have = landing_weeks(landing)

@@ -24,7 +24,7 @@ import typer
 from pipeline_tasks.graph import GRAPH, ORDER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
-corpus_app = typer.Typer(no_args_is_help=True, help="Generate the embedded synthetic speech corpus (espeak-ng).")
+corpus_app = typer.Typer(no_args_is_help=True, help="Generate the embedded synthetic speech corpus (espeak-ng, Festival; flite for the golden set).")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration profiles.")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(config_app, name="config")
@@ -230,13 +230,17 @@ def corpus_generate(
     week: Annotated[int, typer.Option(help="week number (draws new sentences each week)")] = 1,
     utterances: Annotated[int, typer.Option(help="number of utterances")] = 400,
     seed: Annotated[int, typer.Option(help="random seed; same seed gives byte-identical output")] = 1234,
-    jobs: Annotated[int, typer.Option(help="parallel espeak-ng processes (0 = all cores)")] = 0,
+    jobs: Annotated[int, typer.Option(help="parallel synthesis threads (0 = all cores)")] = 0,
 ) -> None:
-    """Synthesize one week of speech with espeak-ng into a landing zone (WAV + NeMo JSONL)."""
+    """Synthesize one week of speech (espeak-ng + Festival, channel effects) into a landing zone (WAV + NeMo JSONL)."""
     from synth import corpus
 
     _setup_logging()
-    res = corpus.generate_week(out, week=week, utterances=utterances, seed=seed, jobs=jobs)
+    from pipeline_tasks.config import CorpusConfig
+
+    # the default profile's mix (synthesizer and condition shares, the per-week diversity ramp)
+    res = corpus.generate_week(out, week=week, utterances=utterances, seed=seed, jobs=jobs,
+                               mix=corpus.Mix.from_config(CorpusConfig()))
     typer.echo(json.dumps(res, indent=2, sort_keys=True))
 
 
@@ -245,7 +249,7 @@ def corpus_golden(
     out: Annotated[Path, typer.Option(help="golden-set folder")],
     utterances: Annotated[int, typer.Option(help="number of utterances")] = 120,
     seed: Annotated[int, typer.Option(help="random seed")] = 1234,
-    jobs: Annotated[int, typer.Option(help="parallel espeak-ng processes (0 = all cores)")] = 0,
+    jobs: Annotated[int, typer.Option(help="parallel synthesis threads (0 = all cores)")] = 0,
 ) -> None:
     """Synthesize the fixed golden set from sentences and voices never used for training weeks."""
     from synth import corpus
@@ -257,11 +261,13 @@ def corpus_golden(
 
 @config_app.command("show")
 def config_show(profile: ProfileOpt = "local", overrides: SetOpt = None) -> None:
-    """Print the validated config with overrides applied and paths resolved."""
+    """Print the validated config with overrides applied and paths resolved (credentials masked)."""
     import yaml
 
+    from pipeline_tasks.config import redact_secrets
+
     cfg = _load(profile, overrides)
-    typer.echo(yaml.safe_dump(cfg.dump(), sort_keys=False))
+    typer.echo(yaml.safe_dump(redact_secrets(cfg.dump()), sort_keys=False))
 
 
 # ---- asrflow landing import: existing data sets into the landing zone (pipeline_tasks/landing/) ----

@@ -361,7 +361,9 @@ class RegistryConfig(_Section):
     artifact_location: str = "{root}/mlruns"
     experiment: str = "asrflow"
     model_name: str = "asr"
-    canary_max_wer: float = 0.6
+    # the canary's WER ceiling on the newest week's dev data; None: the gate's own ceiling
+    # (gate.absolute_wer_ceiling), so the canary is never looser than the gate by default
+    canary_max_wer: float | None = None
     canary_max_utts: int = Field(2000, ge=1)  # newest-week dev utterances the canary decodes (at most)
     # `make pipeline-local WEEKS=N` (devstack.local_run): after a week whose gate passed, also move
     # `production` to it (canary included), so the next week starts from it. Production promotion
@@ -777,3 +779,9 @@ def load_config(
 def config_from_dict(data: dict[str, Any]) -> AsrflowConfig:
     """Rebuild a config that was dumped with :meth:`AsrflowConfig.dump` (paths already resolved)."""
     return AsrflowConfig.model_validate(data)
+
+
+def canary_limit(cfg: AsrflowConfig) -> float:
+    """The canary's WER ceiling: ``registry.canary_max_wer``, else the gate's absolute ceiling."""
+    r = cfg.registry.canary_max_wer
+    return float(cfg.gate.absolute_wer_ceiling if r is None else r)

@@ -270,7 +270,7 @@ def run_step(
     """
     run = StepRun(Path(root), step, key)
     run.step_dir.mkdir(parents=True, exist_ok=True)
-    timeout = -1 if lock_timeout_s is None else lock_timeout_s
+    timeout = LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
     lock = FileLock(str(run.lock_path), timeout=timeout)
     try:
         lock.acquire()

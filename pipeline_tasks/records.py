@@ -70,6 +70,8 @@ class FeaturizeResult(StepResult, total=False):
 class GoldenResult(StepResult, total=False):
     index: str
     manifest: str
+    slices: str  # parquet: id + slice labels (synth, condition) from the golden manifest
+    slice_kinds: list[str]
     golden_md5: str
     n_utts: int
     feature_hash: str

@@ -40,6 +40,9 @@ from filelock import FileLock, Timeout
 log = logging.getLogger(__name__)
 
 REMOTE_NAME = "storage"
+# one git/dvc command (a `dvc push` to a hung remote...) fails after this long instead of holding
+# the workspace lock, and every later ingest behind it, forever
+COMMAND_TIMEOUT_S = float(os.environ.get("ASRFLOW_DVC_TIMEOUT_S", str(4 * 3600)))
 _GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "asrflow",
     "GIT_AUTHOR_EMAIL": "asrflow@localhost",
@@ -87,7 +90,15 @@ class DataWorkspace:
 
     # -- process helpers ---------------------------------------------------------
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(args, cwd=self.path, env=_env(), capture_output=True, text=True)
+        try:
+            proc = subprocess.run(
+                args, cwd=self.path, env=_env(), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as e:  # a hung push must not hold the workspace lock forever
+            raise WorkspaceError(
+                f"`{' '.join(args)}` in {self.path} did not finish within {COMMAND_TIMEOUT_S:.0f}s "
+                "(ASRFLOW_DVC_TIMEOUT_S)"
+            ) from e
         if check and proc.returncode != 0:
             raise WorkspaceError(
                 f"`{' '.join(args)}` failed in {self.path} (exit {proc.returncode}): "

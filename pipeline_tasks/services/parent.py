@@ -264,4 +264,5 @@ def split_batches(split: dict[str, Any]) -> list[str]:
 
 def parent_for_split(cfg: AsrflowConfig, split: dict[str, Any]) -> Parent:
     """:func:`resolve_parent` for a training run on ``split`` (train and tune use this)."""
-    return resolve_parent(cfg, split.get("train_md5"), split_batches(split))
+    batches = split_batches(split) if split.get("train") and split.get("output_dir") else None
+    return resolve_parent(cfg, split.get("train_md5"), batches)

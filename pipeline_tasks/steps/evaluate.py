@@ -340,6 +340,24 @@ def _lineage(train: dict[str, Any], golden: dict[str, Any], model_dir: Path, mod
     }
 
 
+def golden_slice_labels(golden: dict[str, Any], ids: list[str]) -> dict[str, list[str]]:
+    """Slice labels the golden manifest carries (synthesizer, channel condition), per golden id.
+
+    Transfer is measured here: unseen synthesizers (flite), reverberant, telephone and noisy
+    copies each get a row in the report, and the gate's worst-slice guard covers them.
+    """
+    if not golden.get("slices"):
+        return {}
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(resolve(golden, golden["slices"])).to_pylist()
+    by_id = {r["id"]: r for r in t}
+    out: dict[str, list[str]] = {}
+    for kind in golden.get("slice_kinds") or []:
+        out[kind] = [str((by_id.get(i) or {}).get(kind) or "unknown") for i in ids]
+    return out
+
+
 def _bootstrap_blocks(speakers: list[str | None], unit: str, min_blocks: int) -> tuple[list[str] | None, str]:
     known = all(s for s in speakers)
     if unit == "utterance" or not known:
@@ -416,6 +434,7 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> Evaluate
         labels = {
             "speaker": [s if s else "unknown" for s in spk],
             "duration": [duration_slice(x, g.duration_buckets_s) for x in dur],
+            **golden_slice_labels(golden, ids),
         }
         overall = {"slice": "overall", "kind": "overall", "value": "all", "n_utts": len(refs), "ref_words": ref_words}
         overall["wer_candidate"], overall["cer_candidate"] = cand_wer, cand_cer

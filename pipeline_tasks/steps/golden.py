@@ -43,9 +43,11 @@ from pipeline_tasks.services.manifests import ManifestError, read_manifest
 log = logging.getLogger(__name__)
 
 STEP = "golden"
-CODE_VERSION = "2"  # 2: one numpy resampler (model_code.audio.resample) for ingest, golden and serving
+CODE_VERSION = "3"  # 3: slices.parquet (synth, condition); 2: one numpy resampler (model_code.audio.resample) for ingest, golden and serving
 WORKSPACE_DIR = "golden"
 MANIFEST_NAME = "manifest.jsonl"
+# optional golden manifest fields that evaluate reports WER per value of (synth/corpus.py writes them)
+SLICE_FIELDS = ("synth", "condition")
 
 
 class GoldenSetError(RuntimeError):
@@ -149,6 +151,8 @@ def _decode_rows(cfg: AsrflowConfig, manifest: Path) -> tuple[list[dict[str, Any
                 "batch": "golden",
                 "source": where,
                 "long_form": duration > cfg.validate_.max_train_duration_s,
+                # slice labels (not in UTTERANCE_SCHEMA): the golden set's synthesizer / channel condition
+                **{k: None if rec.get(k) is None else str(rec[k]) for k in SLICE_FIELDS},
             }
         )
     ids = [r["id"] for r in rows]
@@ -222,6 +226,10 @@ def run(cfg: AsrflowConfig, inputs: StepInputs | None = None, force: bool = Fals
         import pyarrow.parquet as pq
 
         pq.write_table(table, tmp / "manifest.parquet")
+        # what evaluate slices by, beside speaker and duration: the golden manifest's own labels
+        labels = pa.table({"id": [r["id"] for r in rows], **{k: [r[k] for r in rows] for k in SLICE_FIELDS}},
+                          schema=pa.schema([("id", pa.string()), *[(k, pa.string()) for k in SLICE_FIELDS]]))
+        pq.write_table(labels, tmp / "slices.parquet")
         counts = featurize_manifest(
             tmp / "manifest.parquet", cfg.paths.data_workspace, cfg.features, cfg.root, tmp / "index.parquet"
         )
@@ -237,6 +245,8 @@ def run(cfg: AsrflowConfig, inputs: StepInputs | None = None, force: bool = Fals
             "feature_hash": counts["feature_hash"],
             "cache_dir": counts["cache_dir"],
             "hours": round(sum(r["duration_s"] for r in rows) / 3600.0, 6),
+            "slices": "slices.parquet",
+            "slice_kinds": [k for k in SLICE_FIELDS if any(r[k] for r in rows)],
         }
 
     return run_step(cfg.root, STEP, key, work, force=force)

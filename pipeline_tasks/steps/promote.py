@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.config import AsrflowConfig
+from pipeline_tasks.config import AsrflowConfig, canary_limit
 from pipeline_tasks.contract import file_md5, resolve, run_step, step_key
 from pipeline_tasks.records import PromoteResult, StepInputs
 from pipeline_tasks.services.registry import (
@@ -390,7 +390,7 @@ def canary_check(cfg: AsrflowConfig, split: dict[str, Any] | None = None) -> dic
     if staging is None:
         raise CanaryFailed(f"no version of {name!r} has alias {STAGING!r}")
     res = canary(cfg, staging, split)
-    limit = cfg.registry.canary_max_wer
+    limit = canary_limit(cfg)
     passed = res["wer"] < limit
     verdict = (
         f"canary: staging v{staging.version} WER {res['wer']:.4f} on {res['n_utts']} utterances of "
@@ -447,7 +447,7 @@ def promote_production(cfg: AsrflowConfig, split: dict[str, Any] | None = None) 
             "reason": f"version {str(staging.version)} was rolled back from {PRODUCTION}; stage a new candidate",
         }
     can = canary(cfg, staging, split)
-    ok = can["wer"] < cfg.registry.canary_max_wer
+    ok = can["wer"] < canary_limit(cfg)
     out = {
         **base,
         "version": str(staging.version),
@@ -455,7 +455,7 @@ def promote_production(cfg: AsrflowConfig, split: dict[str, Any] | None = None) 
         "canary_cer": can["cer"],
         "canary_batch": can["batch"],
         "canary_n_utts": can["n_utts"],
-        "canary_max_wer": cfg.registry.canary_max_wer,
+        "canary_max_wer": canary_limit(cfg),
     }
     with registry_lock(cfg):
         for k, v in {
@@ -469,7 +469,7 @@ def promote_production(cfg: AsrflowConfig, split: dict[str, Any] | None = None) 
                 **out,
                 "promoted": False,
                 "reason": f"canary failed: WER {can['wer']:.4f} on {can['n_utts']} dev utterances of "
-                f"{can['batch']} >= {cfg.registry.canary_max_wer:g}",
+                f"{can['batch']} >= {canary_limit(cfg):g}",
             }
         prod = alias_version(cfg, PRODUCTION, name, client)  # re-read under the lock
         if prod is not None and str(prod.version) == str(staging.version):
@@ -483,7 +483,7 @@ def promote_production(cfg: AsrflowConfig, split: dict[str, Any] | None = None) 
         **out,
         "promoted": True,
         "previous_version": str(prod.version) if prod else None,
-        "reason": f"canary WER {can['wer']:.4f} < {cfg.registry.canary_max_wer:g}",
+        "reason": f"canary WER {can['wer']:.4f} < {canary_limit(cfg):g}",
     }
 
 

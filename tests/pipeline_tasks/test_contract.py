@@ -163,26 +163,82 @@ def test_sigkill_half_way_publishes_nothing_then_retry_and_skip(tmp_path):
     assert (step_dir / "key123" / SUCCESS).stat().st_mtime_ns == mtime
 
 
+CONCURRENT = textwrap.dedent(
+    """
+    import json, logging, os, sys, time
+    from pathlib import Path
+    from pipeline_tasks.contract import run_step
+
+    root, name = Path(sys.argv[1]), sys.argv[2]
+    hs = root / "handshake"
+
+    class Blocked(logging.Handler):
+        # filelock says at DEBUG when an acquire attempt finds the lock held by someone else
+        def emit(self, record):
+            if "not acquired" in record.getMessage():
+                (hs / f"blocked-{name}").touch()
+
+    lg = logging.getLogger("filelock")
+    lg.setLevel(logging.DEBUG)
+    lg.addHandler(Blocked())
+
+    def work(tmp):
+        with open(root / "calls.log", "a") as f:
+            f.write(f"{name}\\n")
+        (hs / f"entered-{name}").touch()
+        deadline = time.monotonic() + 120
+        while not (hs / "release").exists():  # held until the test says so
+            assert time.monotonic() < deadline, "never released"
+            time.sleep(0.02)
+        return {"v": 42, "by": name}
+
+    (hs / f"ready-{name}").touch()
+    print(json.dumps(run_step(root, "c", "k", work)))
+    """
+)
+
+
+def _wait_for(cond, what: str, procs, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        for p in procs:
+            if p.poll() is not None and p.returncode != 0:
+                raise AssertionError(f"a runner exited early ({p.returncode}): {p.stdout.read()}")
+        time.sleep(0.02)
+
+
 def test_concurrent_runs_of_one_key_compute_once(tmp_path):
+    """Two processes run one key at the same time: the second blocks on the step lock while the
+    first computes, then returns the first one's result. A file handshake, no sleeps: runner A
+    holds its ``work`` open until the test sees runner B either blocked on the lock (filelock's
+    own "not acquired" record) or inside ``work`` too (the lock is missing)."""
+    root = tmp_path / "r"
+    hs = root / "handshake"
+    hs.mkdir(parents=True)
     script = tmp_path / "w.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import sys, time, json, os
-            from pathlib import Path
-            from pipeline_tasks.contract import run_step
-            root = Path(sys.argv[1])
-            def work(tmp):
-                with open(root / "calls.log", "a") as f:
-                    f.write(f"{os.getpid()}\\n")
-                time.sleep(1.0)
-                return {"v": 42}
-            print(json.dumps(run_step(root, "c", "k", work)))
-            """
+    script.write_text(CONCURRENT)
+
+    def spawn(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(root), name], stdout=subprocess.PIPE, text=True)
+
+    procs = [spawn("a")]
+    try:
+        _wait_for(lambda: (hs / "entered-a").exists(), "runner a to enter its work", procs)
+        procs.append(spawn("b"))
+        _wait_for(
+            lambda: (hs / "blocked-b").exists() or (hs / "entered-b").exists(),
+            "runner b to block on the lock (or to enter its work)",
+            procs,
         )
-    )
-    (tmp_path / "r").mkdir()
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "r")], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [json.loads(p.communicate(timeout=60)[0].strip().splitlines()[-1]) for p in procs]
-    assert outs[0] == outs[1]
-    assert len((tmp_path / "r" / "calls.log").read_text().split()) == 1
+        entered_b = (hs / "entered-b").exists()
+        (hs / "release").touch()
+        outs = [json.loads(p.communicate(timeout=60)[0].strip().splitlines()[-1]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not entered_b, "both runners computed the same key at once: the step lock is missing"
+    assert (root / "calls.log").read_text().split() == ["a"]
+    assert outs[0] == outs[1] and outs[1]["by"] == "a"

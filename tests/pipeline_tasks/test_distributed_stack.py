@@ -168,14 +168,33 @@ def test_expand_env_fills_defaults_and_rejects_unset(monkeypatch):
 
 
 def test_stop_kills_a_component_that_ignores_sigterm_after_its_grace(tmp_path):
+    """``stop`` sends SIGTERM first, waits the component's grace, then SIGKILLs its group.
+
+    File handshakes, no sleeps: the stubborn component says when its TERM trap is installed
+    (so the test never races bash's start-up), and the trap logs every SIGTERM it swallows.
+    Without the grace (SIGKILL at once) stop returns before the 1 s grace; without the SIGTERM
+    the trap logs nothing; without the SIGKILL the group survives."""
     st = ds.Stack(dir=tmp_path, ports={"pg": 1, "redis": 2, "mlflow": 3, "api": 4})
+    ready, got_term = tmp_path / "trap-ready", tmp_path / "got-term"
     stubborn = st.spawn(
-        "stubborn", ["bash", "-c", "trap '' TERM; sleep 300 & wait; sleep 300"], stop_timeout=1
+        "stubborn",
+        [
+            "bash",
+            "-c",
+            f"trap 'echo term >> {got_term}' TERM; touch {ready}; "
+            "while true; do sleep 300 & wait; done",
+        ],
+        stop_timeout=1,
     )
     polite = st.spawn("polite", ["sleep", "300"])
-    time.sleep(0.3)  # let bash install its trap
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the stubborn component never installed its trap"
+        time.sleep(0.02)
     t0 = time.monotonic()
     st.stop()
     took = time.monotonic() - t0
+    assert took >= 1.0, f"stop took {took:.2f}s: it did not wait the 1 s grace before SIGKILL"
+    assert got_term.exists() and "term" in got_term.read_text(), "stop never sent SIGTERM"
     assert took < 10, f"stop took {took:.1f}s: the 1 s grace was not honoured"
     assert _wait_gone(stubborn.pgid, 5) and _wait_gone(polite.pgid, 5)

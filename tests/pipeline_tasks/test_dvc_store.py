@@ -87,3 +87,58 @@ def test_lock_waits_for_another_process_and_times_out(tmp_path):
     finally:
         p.join(30)
     assert p.exitcode == 0
+
+
+def test_restore_a_snapshot_tag_from_the_remote_into_an_empty_cache(tmp_path, tiny_cfg):
+    """What the lineage tags promise: the ingest's ``snapshot-*`` tag plus the DVC remote give
+    back the exact audio. A clone of the data workspace, checked out at the tag (while the
+    workspace has moved on to a later snapshot), pulls from the folder remote into an empty
+    cache; the manifest and every FLAC match the ingest's hashes, and nothing else is there."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    from model_code.audio import load_audio, pcm16_hash
+    from pipeline_tasks.contract import file_md5
+    from pipeline_tasks.graph import run_until
+    from pipeline_tasks.steps.ingest import MANIFEST_DIR, MANIFEST_REL, RAW_DIR
+
+    ing = run_until("ingest", tiny_cfg)["ingest"]
+    remote = str(tiny_cfg.paths.dvc_remote)
+    # a copy of the session's workspace (its remote stays the session's folder remote) moves on
+    # to a later snapshot, committed but not pushed
+    work = tmp_path / "workspace"
+    shutil.copytree(ing["workspace"], work, symlinks=True)
+    ws = DataWorkspace(work, remote).ensure()
+    assert ws.has_tag(ing["dvc_tag"]) and ws.head() == ing["dvc_commit"]
+    (work / RAW_DIR / "zz").mkdir()
+    (work / RAW_DIR / "zz" / "later.flac").write_bytes(b"a later snapshot's file")
+    ws.add_commit_push([RAW_DIR], "a later snapshot", tag="snapshot-later", push=False)
+    assert ws.head() != ing["dvc_commit"]
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(work), str(clone)], check=True, capture_output=True)
+    restored = DataWorkspace(clone, remote)
+    restored.git("checkout", "-q", ing["dvc_tag"])
+    assert restored.head() == ing["dvc_commit"]
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    restored.dvc("cache", "dir", "--local", str(cache))
+    assert not (clone / RAW_DIR).exists() and not (clone / MANIFEST_REL).exists()  # only pointers in git
+    restored.dvc("pull", "-q")
+    assert any(p.is_file() for p in cache.rglob("*")), "dvc pull did not fill the empty cache"
+
+    # the snapshot's DVC md5s, the manifest's bytes and every audio file's content hash
+    md5s = {d: restored.md5(d) for d in (RAW_DIR, MANIFEST_DIR)}
+    snap = hashlib.md5(f"{RAW_DIR}:{md5s[RAW_DIR]}\n{MANIFEST_DIR}:{md5s[MANIFEST_DIR]}".encode()).hexdigest()
+    assert snap == ing["snapshot_md5"] and ing["dvc_tag"] == f"snapshot-{snap[:12]}"
+    assert file_md5(clone / MANIFEST_REL) == ing["manifest_md5"]
+    rows = pq.read_table(clone / MANIFEST_REL, columns=["audio_path", "audio_hash"]).to_pylist()
+    assert len(rows) == ing["n_rows"] > 0
+    for r in rows:
+        wave, _, _ = load_audio(clone / r["audio_path"], 16000)
+        assert pcm16_hash(wave) == r["audio_hash"], r["audio_path"]
+    on_disk = {str(p.relative_to(clone)) for p in (clone / RAW_DIR).rglob("*") if p.is_file()}
+    assert on_disk == {r["audio_path"] for r in rows}  # the tag's files: not the later snapshot's

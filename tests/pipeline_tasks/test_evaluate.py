@@ -71,7 +71,16 @@ def test_first_candidate_against_the_ceiling_writes_report_and_mlflow_run(tmp_pa
     assert res["candidate_wer"] < 1.5 and "ceiling" in res["reason"]
     dec = json.loads(resolve(res, res["decision"]).read_text())
     assert dec["decode_used"] == "beam"  # the tiny models ship a lexicon + LM
-    assert dec["slices"][0]["slice"] == "overall" and {s["kind"] for s in dec["slices"]} == {"overall", "speaker", "duration"}
+    assert dec["slices"][0]["slice"] == "overall"
+    assert {s["kind"] for s in dec["slices"]} == {"overall", "speaker", "duration", "synth", "condition"}
+    # every golden slice of the corpus is reported: the unseen synthesizer and each channel condition
+    import pyarrow.parquet as pq
+
+    lab = pq.read_table(resolve(golden_res, golden_res["slices"])).to_pylist()
+    for kind in ("synth", "condition"):
+        want = {f"{kind}={r[kind]}" for r in lab}
+        assert want <= {s["slice"] for s in dec["slices"]}, kind
+    assert "synth=flite" in {s["slice"] for s in dec["slices"]}
     assert dec["lineage"]["golden_md5"] == golden_res["golden_md5"] and dec["lineage"]["study_name"] == "study-good"
     assert len(dec["candidate_wer_ci95"]) == 2 and dec["candidate_wer_ci95"][0] <= res["candidate_wer"] <= dec["candidate_wer_ci95"][1]
     png = resolve(res, res["plot"]).read_bytes()

@@ -45,7 +45,8 @@ def _pipeline(cfg, model_res, golden_res, force=False):
 
 def test_registry_lifecycle(tmp_path, tiny_landing, tiny_golden, golden_res, models, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "manual__2026-01-01")
-    cfg = make_tiny_cfg(tmp_path / "art", tiny_landing, tiny_golden, ["gate.absolute_wer_ceiling=10"])
+    cfg = make_tiny_cfg(tmp_path / "art", tiny_landing, tiny_golden,
+                        ["gate.absolute_wer_ceiling=10", "registry.canary_max_wer=0.6"])
     loose = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"canary_max_wer": 10.0})})
     split = _fake_split(cfg, golden_res)
     assert promote.latest_split(cfg)["key"] == split["key"]
@@ -72,7 +73,7 @@ def test_registry_lifecycle(tmp_path, tiny_landing, tiny_golden, golden_res, mod
     assert mlmodel.flavors["onnx"]["providers"] == ["CPUExecutionProvider"]
     assert [s.name for s in mlmodel.signature.inputs.inputs] == ["features", "lengths"]
 
-    # canary: the default threshold (0.6) rejects the noised model, newest week only
+    # canary: a 0.6 ceiling rejects the noised model, newest week only
     out = promote.promote_production(cfg)
     assert not out["promoted"] and "canary failed" in out["reason"]
     assert out["canary_batch"] == "week-002" and out["canary_n_utts"] == golden_res["n_utts"] - golden_res["n_utts"] // 2
@@ -116,3 +117,12 @@ def test_registry_lifecycle(tmp_path, tiny_landing, tiny_golden, golden_res, mod
     again = promote.promote_production(loose)
     assert not again["promoted"] and "rolled back" in again["reason"]
     assert str(alias_version(cfg, "production").version) == v1
+
+
+def test_the_canary_is_never_looser_than_the_gate_by_default(tiny_cfg):
+    from pipeline_tasks.config import canary_limit
+
+    assert tiny_cfg.registry.canary_max_wer is None
+    assert canary_limit(tiny_cfg) == tiny_cfg.gate.absolute_wer_ceiling
+    strict = tiny_cfg.model_copy(update={"registry": tiny_cfg.registry.model_copy(update={"canary_max_wer": 0.3})})
+    assert canary_limit(strict) == 0.3

@@ -163,3 +163,15 @@ def test_a_hung_lock_holder_makes_the_step_time_out_not_wait_forever(tmp_path, m
         holder.kill()
         holder.wait()
     assert contract.run_step(tmp_path, "s", "k", lambda tmp: {"n": 1}, lock_timeout_s=5)["n"] == 1
+
+
+def test_a_hung_git_or_dvc_command_fails_instead_of_holding_the_workspace_lock(tmp_path, monkeypatch):
+    from pipeline_tasks.services import dvc_store
+
+    monkeypatch.setattr(dvc_store, "COMMAND_TIMEOUT_S", 0.5)
+    ws = dvc_store.DataWorkspace(tmp_path / "ws", str(tmp_path / "remote"))
+    (tmp_path / "ws").mkdir()
+    t0 = time.monotonic()
+    with pytest.raises(dvc_store.WorkspaceError, match="did not finish"):
+        ws._run(["sleep", "30"])  # stands in for a `dvc push` to a remote that never answers
+    assert time.monotonic() - t0 < 10

@@ -76,8 +76,10 @@ def test_killed_step_attempt_resumes_from_its_checkpoint(tiny_cfg, split, tmp_pa
     proc = subprocess.run([sys.executable, "-c", code, str(cfg_file), str(inputs_file)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL mid-training
-    key = train_step.train_key(with_overrides(tiny_cfg, tune["best_overrides"]), split,
-                               tune["best_overrides"])
+    from pipeline_tasks.services.parent import parent_for_split
+
+    tcfg = with_overrides(tiny_cfg, tune["best_overrides"])
+    key = train_step.train_key(tcfg, split, tune["best_overrides"], parent_for_split(tcfg, split))
     ckdir = train_step.checkpoint_dir_for(tiny_cfg, key)
     assert json.loads((ckdir / "latest.json").read_text())["step"] == 4  # outside the temp folder: survived
     assert [r.info.status for r in _runs_with_key(tiny_cfg, key)] == ["RUNNING"]  # killed, never closed

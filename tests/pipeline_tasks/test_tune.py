@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_tasks.config import load_config, with_overrides
+from pipeline_tasks.contract import resolve
 from pipeline_tasks.steps import tune
 
 QUICK = "tests.pipeline_tasks.test_tune:quick_trial"
@@ -44,6 +45,33 @@ def flat_trial(trial_cfg, ctx, on_epoch_end):
     for epoch in range(1, ctx.epochs + 1):
         on_epoch_end(epoch, {"dev_wer": 1.0, "dev_cer": cer, "dev_loss": 2 * cer, "loss": 1.0})
     return {"dev_wer": 1.0, "dev_cer": cer, "dev_loss": 2 * cer}
+
+
+def barrier_trial(trial_cfg, ctx, on_epoch_end):
+    """``quick_trial``, but the first trial of each worker process waits until
+    ``TUNE_TEST_BARRIER_N`` worker processes have started a trial (a file per process in
+    ``TUNE_TEST_BARRIER``): the workers provably run trials of the study at the same time."""
+    barrier = Path(os.environ["TUNE_TEST_BARRIER"])
+    mine = barrier / f"worker-pid-{os.getpid()}"
+    if not mine.exists():
+        mine.write_text(str(ctx.trial_number))
+        want = int(os.environ.get("TUNE_TEST_BARRIER_N", "2"))
+        deadline = time.monotonic() + 60
+        while len(list(barrier.glob("worker-pid-*"))) < want:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"barrier: only {len(list(barrier.glob('worker-pid-*')))} of {want} workers started")
+            time.sleep(0.05)
+    return quick_trial(trial_cfg, ctx, on_epoch_end)
+
+
+def ranked_trial(trial_cfg, ctx, on_epoch_end):
+    """Every later trial is worse than every earlier one at every epoch (trial 0 best): with
+    ASHA (reduction factor 3) each trial after the first trails the rung-1 leader and must be
+    stopped after its first epoch; without pruning every trial runs all its epochs."""
+    value = 0.1 + 0.1 * ctx.trial_number
+    for epoch in range(1, ctx.epochs + 1):
+        on_epoch_end(epoch, {"dev_wer": value, "dev_cer": value / 2, "dev_loss": 3 * value, "loss": value})
+    return {"dev_wer": value, "dev_cer": value / 2, "dev_loss": 3 * value}
 
 
 def hang_trial(trial_cfg, ctx, on_epoch_end):
@@ -84,12 +112,18 @@ def make_cfg(root: Path, extra: list[str] | None = None):
 
 
 def fake_split(root: Path, proxy_md5: str = "0" * 32) -> dict:
-    """A split result whose files are never read (proxy_fraction=1, quick trial fn)."""
+    """A split result whose proxy/dev files are never read (proxy_fraction=1, quick trial fn);
+    its train index holds only the ``batch`` column the parent-model lookup reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out = root / "split" / "fake"
     out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"batch": ["week-001"]}), out / "train.parquet")
     return {
         "split": {
             "output_dir": str(out),
+            "train": "train.parquet",
             "proxy": "proxy.parquet",
             "dev": "dev.parquet",
             "proxy_md5": proxy_md5,
@@ -102,20 +136,30 @@ def _study(cfg, inputs):
     return tune.open_study(cfg, tune.study_name(cfg, inputs), heartbeat=False)
 
 
-def test_two_parallel_workers_share_one_study(tmp_path):
+def test_two_parallel_workers_share_one_study(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, ["tune.n_trials=6", "tune.n_workers=2", "tune.epochs=3", "tune.plots=true"])
     inputs = fake_split(tmp_path)
-    os.environ["TUNE_TEST_SLEEP"] = "0.15"  # long enough that both workers get trials
-    try:
-        res = tune.run(cfg, inputs, trial_fn=QUICK)
-    finally:
-        os.environ.pop("TUNE_TEST_SLEEP")
+    # a barrier, not a sleep: each worker's first trial waits until the other worker has started
+    # one, so the test fails (barrier timeout) if the workers do not run side by side on the study
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    monkeypatch.setenv("TUNE_TEST_BARRIER", str(barrier))
+    monkeypatch.setenv("TUNE_TEST_BARRIER_N", "2")
+    res = tune.run(cfg, inputs, trial_fn="tests.pipeline_tasks.test_tune:barrier_trial")
+    assert len(list(barrier.glob("worker-pid-*"))) == 2
     assert res["workers"] == [0, 1]
     assert res["n_trials_complete"] + res["n_trials_pruned"] == 6
     assert {r["worker"] for r in res["worker_results"]} == {0, 1}
     assert sum(r["complete"] + r["pruned"] for r in res["worker_results"]) == 6
+    # both workers finished trials of the one study (not one worker running them all)
+    assert all(r["complete"] + r["pruned"] >= 1 for r in res["worker_results"]), res["worker_results"]
+    from optuna.trial import TrialState
+
+    finished = _study(cfg, inputs).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 6 and {t.user_attrs["worker"] for t in finished} == {0, 1}
+    assert len({t.user_attrs["pid"] for t in finished}) == 2
     assert set(res["best_overrides"]) == {"train.lr", "model.dropout"}
-    best = json.loads(tune.resolve(res, res["best_config"]).read_text())
+    best = json.loads(resolve(res, res["best_config"]).read_text())
     assert best["overrides"] == res["best_overrides"]
     assert best["value"] == pytest.approx(res["best_value"])
     assert res["storage"].startswith("sqlite:///")
@@ -143,6 +187,24 @@ def test_two_parallel_workers_share_one_study(tmp_path):
         hist = client.get_metric_history(c.info.run_id, "trial/dev_wer")
         assert len(hist) == (3 if c.info.status == "FINISHED" else len(hist)) and hist
         assert c.data.params["tune.worker"] in ("0", "1")
+
+
+def test_asha_prunes_the_trials_that_trail_at_the_first_rung(tmp_path):
+    """ASHA really stops trials: on a study built to prune (every trial worse than the first),
+    every trial after the first ends PRUNED after one epoch. A no-op pruner fails this."""
+    cfg = make_cfg(
+        tmp_path,
+        ["tune.n_trials=4", "tune.n_workers=1", "tune.epochs=3", "tune.pruner=asha",
+         "tune.min_resource=1", "tune.reduction_factor=3"],
+    )
+    res = tune.run(cfg, fake_split(tmp_path), trial_fn="tests.pipeline_tasks.test_tune:ranked_trial")
+    assert (res["n_trials_complete"], res["n_trials_pruned"]) == (1, 3)
+    trials = {t["number"]: t for t in json.loads(resolve(res, res["trials"]).read_text())}
+    assert trials[0]["state"] == "COMPLETE" and sorted(trials[0]["intermediate"]) == ["1", "2", "3"]
+    for n in (1, 2, 3):
+        assert trials[n]["state"] == "PRUNED", trials[n]
+        assert sorted(trials[n]["intermediate"]) == ["1"]  # stopped at the first rung
+    assert res["best_value"] == pytest.approx(0.1)
 
 
 def test_rerun_continues_the_same_study(tmp_path):
@@ -290,7 +352,7 @@ def test_param_budget_rejects_big_models(tmp_path):
     )
     inputs = fake_split(tmp_path)
     res = tune.run(cfg, inputs, trial_fn=QUICK)
-    trials = json.loads(tune.resolve(res, res["trials"]).read_text())
+    trials = json.loads(resolve(res, res["trials"]).read_text())
     rejected = [t for t in trials if t["rejected"] == "param_budget"]
     assert rejected and all(t["params"]["model.d_model"] == 256 and t["state"] == "PRUNED" for t in rejected)
     assert res["best_overrides"]["model.d_model"] == 16
@@ -359,7 +421,7 @@ def test_multi_objective_pareto_front(tmp_path):
         ],
     )
     res = tune.run(cfg, fake_split(tmp_path), trial_fn=QUICK)
-    front = json.loads(tune.resolve(res, res["pareto_front"]).read_text())
+    front = json.loads(resolve(res, res["pareto_front"]).read_text())
     assert front and res["best_value"] == pytest.approx(min(p["dev_wer"] for p in front))
     assert res["best_overrides"] == front[0]["overrides"]
     # no Pareto point is dominated by another
@@ -397,7 +459,7 @@ def test_real_fit_on_tiny_proxy(tiny_cfg):
     assert res["n_trials_complete"] >= 1  # ASHA always lets the first trial finish
     assert set(res["best_overrides"]) == set(cfg.tune.space)
     assert math.isfinite(res["best_value"]) and res["best_value"] >= 0
-    trials = json.loads(tune.resolve(res, res["trials"]).read_text())
+    trials = json.loads(resolve(res, res["trials"]).read_text())
     first = next(t for t in trials if t["number"] == 0)
     assert first["state"] == "COMPLETE" and sorted(first["intermediate"]) == ["1", "2"]
     assert first["values"][0] == pytest.approx(first["intermediate"]["2"])

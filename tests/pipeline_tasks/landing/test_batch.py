@@ -52,7 +52,8 @@ def test_changed_audio_of_the_same_size_is_noticed(tmp_path, speech):
     (d / "text").write_text("".join(f"{u.id} {u.text}\n" for u in speech[:2]))
     landing = tmp_path / "landing"
     import_batch("kaldi", d, "whole", landing, jobs=1)
-    (d / "segments").write_text(f"seg {speech[1].id} 0.5 1.5\n")
+    seg = f"seg {speech[1].id} 0.2 {0.8 * len(speech[1].pcm) / speech[1].sr:.3f}\n"  # inside the utterance
+    (d / "segments").write_text(seg)
     (d / "text").write_text("seg a few words\n")
     import_batch("kaldi", d, "cuts", landing, jobs=1)
     before = _files(landing)
@@ -68,7 +69,7 @@ def test_changed_audio_of_the_same_size_is_noticed(tmp_path, speech):
     assert (d / f"{speech[1].id}.wav").stat().st_size == size
     with pytest.raises(BatchExistsError, match="differs from its source"):
         import_batch("kaldi", d, "whole", landing, jobs=1)
-    (d / "segments").write_text(f"seg {speech[1].id} 0.5 1.5\n")
+    (d / "segments").write_text(seg)
     (d / "text").write_text("seg a few words\n")
     with pytest.raises(BatchExistsError, match="differs from its source"):
         import_batch("kaldi", d, "cuts", landing, jobs=1)
