@@ -36,13 +36,44 @@ SetOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="recompute this step even if its output exists")]
 
 
-def _setup_logging(verbose: bool = False) -> None:
+# asrflow's own loggers: INFO on the console. Everything else (Great Expectations, MLflow,
+# DeepSpeed, Airflow, alembic, urllib3...) only from WARNING unless -v/--verbose.
+OWN_LOGGERS = ("pipeline_tasks", "model_code", "synth", "data_contracts", "devstack", "__main__")
+_VERBOSE = {"on": False}
+
+
+@app.callback()
+def _global_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also show third-party INFO logs")] = False,
+) -> None:
+    """asrflow: continuous retraining of a speech recognizer (see README.md)."""
+    _VERBOSE["on"] = verbose
+
+
+def _setup_logging(verbose: bool | None = None) -> None:
+    verbose = _VERBOSE["on"] if verbose is None else verbose
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        # libraries that set their own logger levels (GX sets INFO) are filtered at the handler
+        for h in root.handlers:
+            if not any(isinstance(f, _QuietThirdParty) for f in h.filters):
+                h.addFilter(_QuietThirdParty())
+
+
+class _QuietThirdParty(logging.Filter):
+    """Pass asrflow's own records, and everything else only from WARNING up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS
 
 
 def _load(profile: str, overrides: list[str] | None):

@@ -124,26 +124,57 @@ def resolve_model(cfg: AsrflowConfig, model: str | os.PathLike[str]) -> tuple[Pa
 
 
 
-def champion_version(cfg: AsrflowConfig, candidate_key: str, client=None):
+def _batches(mv) -> set[str] | None:
+    raw = mv.tags.get("asrflow.batches")
+    return None if raw is None else {b for b in raw.split(",") if b}
+
+
+def as_of(client, mv, candidate_key: str, batches: set[str] | None, depth: int = 0):
+    """``mv`` as a candidate's counterpart, or what stood in its place when the candidate first ran.
+
+    Returns ``(version or None, resolved)``. ``resolved`` is True when ``mv`` *is* the candidate
+    (registered by an earlier run of the same inputs): the answer is then the champion it was
+    judged against (its ``asrflow.gate_champion_version`` tag). A version trained on batches the
+    candidate does not hold is from a later week (a rerun of an old week after the registry moved
+    on): its parent chain is followed back to the newest version the candidate could have met.
+    """
+    if mv is None or depth > 200:
+        return None, False
+    name = mv.name
+    if mv.tags.get(TAG_CANDIDATE) == candidate_key:
+        ver = mv.tags.get(TAG_CHAMPION_VERSION)
+        if not ver or ver in ("None", "none", "null"):
+            return None, True
+        return client.get_model_version(name, ver), True
+    have = _batches(mv)
+    if batches is not None and have is not None and not have <= batches:
+        parent = mv.tags.get("asrflow.parent_version")
+        if not parent or not parent.isdigit():
+            return None, False
+        return as_of(client, client.get_model_version(name, parent), candidate_key, batches, depth + 1)
+    return mv, False
+
+
+def champion_version(cfg: AsrflowConfig, candidate_key: str, client=None, batches: list[str] | None = None):
     """The version a candidate is judged against: ``production``, else ``staging``, else none.
 
-    Returns ``(ModelVersion | None, alias | None)``. When that alias already points at *this*
-    candidate (registered and promoted by an earlier run of the same inputs), the champion is the
-    one it was judged against then (its ``asrflow.gate_champion_version`` tag), so a rerun
-    reaches the same decision instead of comparing the model with itself.
+    Returns ``(ModelVersion | None, alias | None)``. Reruns reach the same decision as the first
+    run: when the alias now points at this very candidate, or at a model of a later week, the
+    champion is the one the candidate met then (:func:`as_of`).
     """
     client = client or registry_client(cfg)
     name = cfg.registry.model_name
+    want = set(batches) if batches else None
     for alias in (PRODUCTION, STAGING):
         mv = alias_version(cfg, alias, name, client)
         if mv is None:
             continue
-        if mv.tags.get(TAG_CANDIDATE) == candidate_key:
-            ver = mv.tags.get(TAG_CHAMPION_VERSION)
-            if not ver or ver in ("None", "none", "null"):
-                return None, None
-            return client.get_model_version(name, ver), mv.tags.get(TAG_CHAMPION_ALIAS) or alias
-        return mv, alias
+        champ, resolved = as_of(client, mv, candidate_key, want)
+        if resolved:
+            recorded = mv.tags.get(TAG_CHAMPION_ALIAS) if mv.tags.get(TAG_CANDIDATE) == candidate_key else None
+            return champ, (recorded or alias) if champ is not None else None
+        if champ is not None:
+            return champ, alias
     return None, None
 
 

@@ -370,8 +370,8 @@ def _bootstrap_blocks(speakers: list[str | None], unit: str, min_blocks: int) ->
 def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> EvaluateResult:
     from pipeline_tasks.services.registry import (
         STAGING,
-        TAG_CANDIDATE,
         alias_version,
+        as_of,
         champion_version,
         download_version,
         registry_client,
@@ -383,14 +383,13 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> Evaluate
     model_md5 = file_md5(model_dir / "weights.pt")
     served = resolve(export, export["served_onnx"])
     client = registry_client(cfg)
-    champ_mv, champ_alias = champion_version(cfg, export["key"], client)
+    seen = (export.get("lineage") or {}).get("batches") or None  # the landing batches this model has seen
+    champ_mv, champ_alias = champion_version(cfg, export["key"], client, seen)
     champion = version_ref(champ_mv, champ_alias)
     # staging is judged too when it is not the champion: staging never moves to a model that lost to it
-    stag_mv = alias_version(cfg, STAGING, cfg.registry.model_name, client)
-    if stag_mv is not None and (
-        (champ_mv is not None and str(stag_mv.version) == str(champ_mv.version))
-        or stag_mv.tags.get(TAG_CANDIDATE) == export["key"]
-    ):
+    stag_mv, stag_self = as_of(client, alias_version(cfg, STAGING, cfg.registry.model_name, client), export["key"],
+                               set(seen) if seen else None)
+    if stag_self or (stag_mv is not None and champ_mv is not None and str(stag_mv.version) == str(champ_mv.version)):
         stag_mv = None
     staging = version_ref(stag_mv, STAGING)
     key = step_key(

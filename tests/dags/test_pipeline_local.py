@@ -65,8 +65,10 @@ def test_two_weeks_warm_start_then_a_rerun_is_identical(dags_root, tiny_landing,
     landing = dags_root / "landing-weeks"  # its own landing zone: week 2 is synthesized into it
     shutil.copytree(tiny_landing, landing, dirs_exist_ok=True)
     cfg = tiny_root_cfg(dags_root, [f"paths.landing_url={landing}"])
+    # a tiny model cannot beat the last one with 90 % confidence: a gate that lets week 2 through
+    lenient = ["gate.min_wer_improvement=-10", "gate.max_slice_regression=10"]
     args = ["--profile", "tiny", "--weeks", "2", "--set", f"paths.landing_url={landing}",
-            *[a for o in FAST for a in ("--set", o)]]
+            *[a for o in [*FAST, *lenient] for a in ("--set", o)]]
 
     assert local_run.main(args) == 0
     out1 = capsys.readouterr().out
