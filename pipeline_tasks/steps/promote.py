@@ -237,6 +237,10 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> PromoteR
                     cfg, export, onnx_path, _version_tags(cfg, export, evaluate, which), export.get("torch_model_dir")
                 )
                 log.info("registered %s version %s", name, str(mv.version))
+                client.update_model_version(name, str(mv.version), description=model_card(cfg, export, evaluate,
+                                                                                           str(mv.version), which))
+                if not (client.get_registered_model(name).description or "").strip():
+                    client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
             mv = client.get_model_version(name, str(mv.version))
             moved = False
             hold = staging_hold(client, name, mv, evaluate)
@@ -263,6 +267,70 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> PromoteR
         return out
 
     return run_step(cfg.root, STEP, key, work, force=force)
+
+
+REGISTERED_MODEL_DESCRIPTION = """\
+Speech recognizer (Conformer-CTC, character or BPE tokens) retrained weekly by **asrflow** from the
+speech that landed that week, exported to ONNX. Each version's description is its model card:
+what it was trained on, its parent, the gate's figures per golden slice and how to run it.
+Aliases: `staging` (passed the gate), `production` (serving; moved by `asr_promote_production`),
+`previous-production` (the rollback target).
+"""
+
+
+def model_card(cfg: AsrflowConfig, export: dict[str, Any], evaluate: dict[str, Any], version: str, which: str) -> str:
+    """The markdown model card shown by the MLflow UI as the version's description."""
+    lin = {**(export.get("lineage") or {}), **{k: v for k, v in (evaluate.get("lineage") or {}).items() if v}}
+    name = cfg.registry.model_name
+    batches = lin.get("batches") or []
+    lines = [f"## {name} v{version}", ""]
+    lines += ["### Trained on", ""]
+    lines += [f"- data snapshot: `{lin.get('data_snapshot_tag') or '?'}` (DVC md5 `{lin.get('data_snapshot_md5') or '?'}`)",
+              f"- weeks seen: {len(batches)} ({', '.join(batches) or '?'}); new in this version: "
+              f"{', '.join(lin.get('new_batches') or []) or '–'}",
+              f"- parent: {'from scratch' if lin.get('parent_version', 'scratch') == 'scratch' else 'v' + str(lin['parent_version'])}",
+              f"- training minutes: {lin.get('train_minutes') or '?'}; train split md5 `{lin.get('train_md5') or '?'}`",
+              f"- code: `{lin.get('git_commit') or '?'}`; model: `{json.dumps(lin.get('model_kwargs') or {}, sort_keys=True)}`", ""]
+    lines += ["### Gate (golden set)", ""]
+    champ = evaluate.get("champion_version")
+    ci = evaluate.get("ci95")
+    lines += [f"- decision: **{'PASS' if evaluate.get('passed') else 'FAIL'}** — {evaluate.get('reason', '')}",
+              f"- candidate WER {_num(evaluate.get('candidate_wer'))}, CER {_num(evaluate.get('candidate_cer'))} "
+              f"({evaluate.get('decode_used', '?')} decoding)",
+              f"- champion: {('v' + str(champ) + ' (' + str(evaluate.get('champion_alias')) + ')') if champ else 'none'}"
+              + (f", WER {_num(evaluate.get('champion_wer'))}, P(better) {_num(evaluate.get('p_better'), 3)}, "
+                 f"95 % CI of ΔWER [{_num(ci[0])}, {_num(ci[1])}]" if champ and ci else ""), ""]
+    slices = _card_slices(evaluate)
+    if slices:
+        lines += ["| slice | WER | CER | words |", "| --- | --- | --- | --- |"]
+        lines += [f"| {s['slice']} | {_num(s.get('wer_candidate'))} | {_num(s.get('cer_candidate'))} | {s.get('ref_words')} |"
+                  for s in slices]
+        lines += [""]
+    rtfx = (export.get("rtfx") or {}).get(f"onnx_{which}")
+    lines += ["### Export", "",
+              f"- file: {'int8 (dynamic quantization)' if which == 'int8' else 'fp32'} ONNX, md5 "
+              f"`{export.get('served_md5') or '?'}`; golden WER fp32 {_num(export.get('wer_fp32'))}, int8 "
+              f"{_num(export.get('wer_int8'))}; RTFx {_num(rtfx, 1)} (model forward, golden set, export host)", ""]
+    lines += ["### Run it", "", "```bash",
+              f"asrflow transcribe --model models:/{name}/{version} audio.wav",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _num(v: Any, nd: int = 4) -> str:
+    try:
+        return f"{float(v):.{nd}f}"
+    except (TypeError, ValueError):
+        return "–"
+
+
+def _card_slices(evaluate: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-slice rows of the gate's decision, speakers left out (many, and personal)."""
+    try:
+        dec = json.loads(resolve(evaluate, evaluate["decision"]).read_text())
+    except (KeyError, OSError, ValueError):
+        return []
+    return [s for s in dec.get("slices", []) if s.get("kind") != "speaker"]
 
 
 def staging_hold(client, name: str, mv, evaluate: dict[str, Any]) -> str | None:

@@ -96,6 +96,14 @@ def test_staging_never_moves_to_a_worse_model(tmp_path, tiny_landing, tiny_golde
     v = client.create_model_version("asr", older.source, tags={"asrflow.candidate_key": "newer"})
     client.set_registered_model_alias("asr", "staging", v.version)
     assert "newer than" in promote.staging_hold(client, "asr", older, {})
+    # the model card: the version's description in the registry (what the MLflow UI shows)
+    card = older.description
+    for field in ("### Trained on", "data snapshot", "parent: from scratch", "### Gate (golden set)",
+                  "decision: **PASS**", "candidate WER", "| synth=flite |", "| condition=clean |", "### Export",
+                  f"asrflow transcribe --model models:/asr/{good['version']}"):
+        assert field in card, (field, card)
+    assert "speaker=" not in card  # per-speaker rows stay in the gate report, not on the card
+    assert "Conformer-CTC" in client.get_registered_model("asr").description
     # lineage: the chain of a version, with its parent
     chain = lineage(cfg, f"models:/asr/{good['version']}")
     assert chain[0]["version"] == good["version"] and chain[0]["parent"] == "scratch"
