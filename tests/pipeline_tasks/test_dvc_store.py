@@ -112,7 +112,8 @@ def test_restore_a_snapshot_tag_from_the_remote_into_an_empty_cache(tmp_path, ti
     work = tmp_path / "workspace"
     shutil.copytree(ing["workspace"], work, symlinks=True)
     ws = DataWorkspace(work, remote).ensure()
-    assert ws.has_tag(ing["dvc_tag"]) and ws.head() == ing["dvc_commit"]
+    # (the workspace's HEAD may already be past the ingest commit: the golden step commits there too)
+    assert ws.has_tag(ing["dvc_tag"])
     (work / RAW_DIR / "zz").mkdir()
     (work / RAW_DIR / "zz" / "later.flac").write_bytes(b"a later snapshot's file")
     ws.add_commit_push([RAW_DIR], "a later snapshot", tag="snapshot-later", push=False)
