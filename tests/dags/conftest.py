@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +94,50 @@ class AirflowApi:
             f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}", map_index=map_index
         )
         return r["value"]
+
+
+def xcom_value(value: Any) -> Any:
+    """An XCom value as the REST API returns it (a JSON string or the value itself)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value
+
+
+def proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """``(ppid, pgid, start time)`` of a live process, or None (``/proc/<pid>/stat``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def descends_from_group(pid: int, pgid: int) -> bool:
+    """Whether ``pid`` or one of its ancestors is in process group ``pgid`` (a task runner of a
+    stack component: Airflow gives each task runner a group of its own, under its supervisor)."""
+    seen = 0
+    while pid > 1 and seen < 64:
+        st = proc_stat(pid)
+        if st is None:
+            return False
+        if st[1] == pgid:
+            return True
+        pid, seen = st[0], seen + 1
+    return False
+
+
+def kill_recorded(procs: list[tuple[int, int]]) -> None:
+    """SIGKILL the process groups of recorded ``(pid, start time)`` leaders that still run as the
+    same process (a recycled PID is left alone): what a killed scheduler left behind."""
+    for pid, start in procs:
+        st = proc_stat(pid)
+        if st is not None and st[2] == start:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture()

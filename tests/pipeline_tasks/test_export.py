@@ -84,7 +84,8 @@ def test_int8_tolerance_boundary_decides_the_served_file(tmp_path, tiny_landing,
     d = wer_int8 - wer_fp32
     print(f"golden WER fp32 {wer_fp32:.4f}, int8 {wer_int8:.4f}, d = {d:+.4f}")
     assert (probe["wer_fp32"], probe["wer_int8"]) == pytest.approx((wer_fp32, wer_int8), abs=1e-12)
-    assert d > 0, "the int8-sensitive model must lose words to quantization for the boundary to mean anything"
+    # d is +2 words of 198 (+0.0101) on the machine this was written on; the boundary holds for
+    # any d (0 included: then -1e-6 drops and 0 keeps), so d is not asserted
 
     # tolerance d: int8 kept, and it is the file that serves
     at = with_overrides(base, {"export.int8_max_wer_delta": d})
