@@ -76,7 +76,8 @@ def _pid_cmdline(pid: int) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -106,11 +107,11 @@ def _signal_local_ranks(ranks_dir: Path, sig: int) -> list[int]:
         pid = int(rec.get("pid", 0))
         if rec.get("host") != host or pid <= 1 or pid == os.getpid():
             continue
-        if _alive(pid) and "ds_launch" in _pid_cmdline(pid):
+        if pid_alive(pid) and "ds_launch" in _pid_cmdline(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
                 hit.append(pid)
-        elif not _alive(pid):
+        elif not pid_alive(pid):
             Path(rec["file"]).unlink(missing_ok=True)
     return hit
 
@@ -183,7 +184,7 @@ def stop_launch(proc: subprocess.Popen, ranks_dir: str | os.PathLike[str] | None
         t_end = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
         while time.monotonic() < t_end:
             ranks_alive = d is not None and any(
-                r.get("host") == socket.gethostname() and _alive(int(r.get("pid", 0))) for r in registered_ranks(d)
+                r.get("host") == socket.gethostname() and pid_alive(int(r.get("pid", 0))) for r in registered_ranks(d)
             )
             if proc.poll() is not None and not ranks_alive:
                 break

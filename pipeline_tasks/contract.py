@@ -41,6 +41,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from model_code.ds_launch import pid_alive  # one liveness check for heartbeats and launcher ranks
+
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS.json"
@@ -128,16 +130,6 @@ def read_success(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     return json.loads(p.read_text())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def heartbeat_path(tmp: Path) -> Path:
     """The heartbeat file of a temp folder: a sibling ``<tmp name>.heartbeat``."""
     return tmp.with_name(tmp.name + HEARTBEAT_SUFFIX)
@@ -155,7 +147,7 @@ def _owner_dead(p: Path, host: str, now: float, dead_after_s: float, max_age_s: 
     parts = p.name[len(TMP_PREFIX) :].split("~")
     if len(parts) >= 4 and parts[1] == host:
         with contextlib.suppress(ValueError):
-            return not _pid_alive(int(parts[2].split(".")[0]))
+            return not pid_alive(int(parts[2].split(".")[0]))
     beat = _mtime(heartbeat_path(p))
     if beat is not None:  # the owner runs elsewhere: dead only when its heartbeat stopped
         return now - beat > dead_after_s
