@@ -11,11 +11,13 @@ embedded Airflow home is applied to this process before that import.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from typing import Any
 
 
 class AirflowState:
-    """Read-only view of the metadata DB named by ``env`` (an ``airflow_env(cfg)`` mapping)."""
+    """View of the metadata DB named by ``env`` (an ``airflow_env(cfg)`` mapping); read-only
+    except :meth:`correct_run_start`."""
 
     def __init__(self, env: dict[str, str]):
         os.environ.update({k: v for k, v in env.items() if k.startswith("AIRFLOW")})
@@ -70,3 +72,23 @@ class AirflowState:
                  "start_date": r.start_date, "end_date": r.end_date}
                 for r in runs
             ]
+
+    def correct_run_start(self, dag_id: str, run_id: str, started_at: datetime) -> bool:
+        """Give a ``dags test`` run its real start time; ``True`` if the row changed.
+
+        Airflow 3's ``DAG.test()`` creates its run with ``start_date = logical_date``, so a run of
+        the week of 2025-01-06 made today reads in the UI as lasting months. The logical date and
+        the data interval keep the week (that is what keys the run and its outputs); only
+        ``start_date`` (and ``queued_at``) move forward to when the run really started.
+        """
+        from sqlalchemy import select
+
+        DR = self._DagRun
+        with self._session() as s:
+            run = s.scalars(select(DR).where(DR.dag_id == dag_id, DR.run_id == run_id)).first()
+            if run is None or (run.start_date is not None and run.start_date >= started_at):
+                return False
+            run.start_date = started_at
+            if run.queued_at is None or run.queued_at < started_at:
+                run.queued_at = started_at
+            return True  # create_session commits on exit

@@ -6,6 +6,7 @@
     asrflow corpus generate|golden ...   (the embedded synthetic corpus)
     asrflow config show                  (the validated config, overrides applied)
     asrflow lineage models:/asr/N        (a model's chain of parents, data and gate figures)
+    asrflow status [--json]              (aliases, last DAG runs, pending landing batches, storage)
 
 A step run from the CLI first resolves its inputs by running its upstream steps; those
 are keyed and cached, so on a warm artifact root this only reads their results.
@@ -253,6 +254,20 @@ def lineage_cmd(
             f"gate {'PASS' if v['gate_passed'] == 'true' else 'FAIL' if v['gate_passed'] else '?'} "
             f"WER {v['gate_candidate_wer'] or '?'} vs v{v['gate_champion_version'] or '–'} {v['gate_champion_wer'] or ''}"
         )
+
+
+@app.command("status")
+def status_cmd(
+    profile: ProfileOpt = "local",
+    overrides: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """One screen: registry aliases, the last run of each DAG, landing batches not ingested yet, storage."""
+    from pipeline_tasks.services.status import collect, render
+
+    cfg = _load(profile, overrides)
+    st = collect(cfg)
+    typer.echo(json.dumps(st, indent=2, sort_keys=True, default=str) if as_json else render(st))
 
 
 @corpus_app.command("generate")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,3 +149,11 @@ def read_manifest(
             rec["_abs_path"] = str(ap if ap.is_absolute() else path.parent / ap)
             rows.append(rec)
     return rows
+
+
+def batch_of(rel_manifest_path: str, landing_root: str) -> str:
+    """The landing batch a manifest belongs to: its folder's name (``week-003/manifest.jsonl`` →
+    ``week-003``), or the landing root's own name for a manifest at the top. Ingest records it on
+    every row; ``asrflow status`` compares the landing zone's batches with the ingested ones."""
+    parent = posixpath.dirname(rel_manifest_path)
+    return posixpath.basename(parent) if parent not in ("", ".") else (posixpath.basename(landing_root.rstrip("/")) or "root")

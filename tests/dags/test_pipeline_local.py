@@ -108,3 +108,18 @@ def test_two_weeks_warm_start_then_a_rerun_is_identical(dags_root, tiny_landing,
     runs = state_db(airflow_env(cfg)).dag_runs("asr_retraining")
     dates = {(r["logical_date"] or "")[:10] for r in runs if r["state"] == "success"}
     assert {"2026-01-05", "2026-01-12"} <= dates
+    # what the UI shows is true: each run lasted minutes, not the months since its logical date
+    for r in runs:
+        took = (r["end_date"] - r["start_date"]).total_seconds()
+        assert 0 < took < 3600, (r["run_id"], r["start_date"], r["end_date"])
+
+    # `asrflow status` reads the same stores: aliases, the last run, nothing pending
+    from pipeline_tasks.services.status import collect, render
+
+    st = collect(cfg)
+    assert st["registry"]["versions"] == 2
+    assert str(v2.version) in {a["version"] for a in st["registry"]["aliases"].values()}
+    last = st["dag_runs"]["dags"]["asr_retraining"]
+    assert last["state"] == "success" and 0 < last["duration_s"] < 3600, last
+    assert st["landing"]["pending"] == [] and st["landing"]["ingested"] == 2, st["landing"]
+    assert "not ingested yet: none" in render(st)

@@ -24,6 +24,7 @@ VERBS = [[s] for s in ORDER] + [
     ["config", "show"],
     ["lineage"],
     ["landing", "import"],
+    ["status"],
 ]
 
 
