@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # The whole asr_retraining DAG through Airflow (`airflow dags test`), e.g. `make pipeline-local WEEK=2`;
 # `make pipeline-local WEEKS=4` runs weeks 1..4 in order, each warm-started from the week before.
