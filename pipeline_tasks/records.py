@@ -28,6 +28,7 @@ class IngestResult(StepResult, total=False):
     n_rows: int
     n_new: int
     n_landing_rows: int
+    n_skipped: int  # landing rows ingested before from the same bytes: not decoded again
     quarantine: str  # QUARANTINE_SCHEMA parquet
     n_quarantined: int
     quarantine_reasons: dict[str, int]
@@ -65,6 +66,10 @@ class FeaturizeResult(StepResult, total=False):
     cache_dir: str
     snapshot_md5: str | None  # the DVC snapshot the features come from
     dvc_tag: str | None
+    # only with features.speed_factors: factor ("0.9") -> index of the speed copy (same rows as index)
+    speed_indexes: dict[str, str]
+    speed_indexes_md5: dict[str, str]
+    n_computed_by_speed: dict[str, int]  # "1" = the plain cache
 
 
 class GoldenResult(StepResult, total=False):
@@ -96,6 +101,11 @@ class SplitResult(StepResult, total=False):
     index_md5: str
     snapshot_md5: str | None
     dvc_tag: str | None
+    # only when featurize wrote speed copies: factor ("0.9") -> train_sp0.9.parquet / proxy_sp0.9.parquet
+    train_speed: dict[str, str]
+    train_speed_md5: dict[str, str]
+    proxy_speed: dict[str, str]
+    proxy_speed_md5: dict[str, str]
 
 
 class TuneResult(StepResult, total=False):

@@ -17,6 +17,16 @@ lock *beside* the workspace (``<workspace>.lock``, so it exists before the repo 
 is never committed); a second ingest waits for the first rather than failing on DVC's
 own lock.
 
+Storage (issue 18): the DVC cache is *linked* to the workspace, not a second copy of every raw
+file. :meth:`DataWorkspace.ensure` probes whether the filesystem can reflink (copy-on-write
+clones: XFS, Btrfs, APFS) and sets ``cache.type`` in ``.dvc/config.local`` (a property of this
+machine's filesystem, so not committed) to ``reflink`` if it can, else ``hardlink,symlink``.
+``reflink,hardlink,symlink`` is not used: measured on ext4, DVC then left full copies. DVC makes
+linked workspace files read-only (it "protects" them), so an edit in place cannot corrupt the
+cache; asrflow never edits a tracked file in place (raw FLACs are written once, the manifest is
+replaced atomically). A workspace created before this setting keeps its copies until
+``dvc checkout --relink``.
+
 The ``dvc`` and ``git`` command lines are used through ``subprocess`` (``dvc`` is taken
 from the same environment as the running Python), which keeps DVC's global state out
 of long-lived Airflow workers.
@@ -49,6 +59,33 @@ _GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "asrflow",
     "GIT_COMMITTER_EMAIL": "asrflow@localhost",
 }
+
+
+LINK_CACHE_TYPE = "hardlink,symlink"  # when the filesystem cannot reflink
+REFLINK_CACHE_TYPE = "reflink"
+# ASRFLOW_DVC_CACHE_TYPE=copy (or any DVC cache.type value) overrides the probe
+CACHE_TYPE_ENV = "ASRFLOW_DVC_CACHE_TYPE"
+
+
+def can_reflink(folder: str | os.PathLike[str]) -> bool:
+    """Whether the filesystem holding ``folder`` supports reflinks (copy-on-write clones), probed
+    by cloning a small file there (``FICLONE`` on Linux, ``clonefile`` on macOS)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / f".reflink-probe-{os.getpid()}-src"
+    dst = folder / f".reflink-probe-{os.getpid()}-dst"
+    try:
+        src.write_bytes(b"asrflow reflink probe")
+        from dvc_objects.fs.system import reflink
+
+        reflink(str(src), str(dst))
+        return dst.read_bytes() == src.read_bytes()
+    except Exception:  # noqa: BLE001 - any failure means: no reflinks here
+        return False
+    finally:
+        for p in (src, dst):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 class WorkspaceError(RuntimeError):
@@ -128,11 +165,34 @@ class DataWorkspace:
         finally:
             self._lock.release()
 
-    def _config(self):
-        """The repo's ``.dvc/config`` as a ConfigObj (the library DVC itself reads it with)."""
+    def _config(self, name: str = "config"):
+        """The repo's ``.dvc/config`` (or ``config.local``) as a ConfigObj (the library DVC itself reads it with)."""
         from configobj import ConfigObj
 
-        return ConfigObj(str(self.path / ".dvc" / "config"))
+        return ConfigObj(str(self.path / ".dvc" / name))
+
+    def cache_type(self) -> str | None:
+        """``cache.type`` as set in ``.dvc/config.local`` (``None``: DVC's default, copies)."""
+        if not (self.path / ".dvc" / "config.local").exists():
+            return None
+        return self._config("config.local").get("cache", {}).get("type")
+
+    def _ensure_cache_type(self) -> None:
+        """Link the cache to the workspace (module docstring): reflink where the filesystem can,
+        else hardlink, else symlink. Written to ``config.local`` once; later calls only read it."""
+        want = os.environ.get(CACHE_TYPE_ENV) or None
+        current = self.cache_type()
+        if want is None:
+            if current:
+                return  # probed before (the probe is per workspace, not per call)
+            want = REFLINK_CACHE_TYPE if can_reflink(self.path / ".dvc" / "tmp") else LINK_CACHE_TYPE
+        if current == want:
+            return
+        cfg = self._config("config.local")
+        cfg.setdefault("cache", {})
+        cfg["cache"]["type"] = want
+        cfg.write()
+        log.info("data workspace %s: DVC cache.type = %s", self.path, want)
 
     def _remote_url(self) -> str | None:
         if not (self.path / ".dvc" / "config").exists():
@@ -163,6 +223,7 @@ class DataWorkspace:
                 cfg["core"]["analytics"] = "false"
                 cfg[f'remote "{REMOTE_NAME}"'] = {"url": self.remote}
                 cfg.write()
+            self._ensure_cache_type()
             dvcignore = self.path / ".dvcignore"
             text = dvcignore.read_text() if dvcignore.exists() else ""
             if ".tmp-*" not in text.splitlines():

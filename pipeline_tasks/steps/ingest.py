@@ -76,27 +76,41 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_contracts.schema import QUARANTINE_SCHEMA, UTTERANCE_SCHEMA, conform
 from model_code.audio import AudioDecodeError, load_audio, pcm16_hash, write_flac
 from model_code.text import TextRejected
 from pipeline_tasks.config import AsrflowConfig
-from pipeline_tasks.contract import file_md5, run_step, sha256_hex, step_key
+from pipeline_tasks.contract import file_md5, run_step, sha256_hex, step_key, write_json_atomic
 from pipeline_tasks.records import IngestResult, StepInputs
 from pipeline_tasks.services.dvc_store import DataWorkspace
-from pipeline_tasks.services.manifests import ManifestLine, iter_lines, parse_lines
+from pipeline_tasks.services.manifests import ManifestLine, batch_of, iter_lines, parse_lines
 
 log = logging.getLogger(__name__)
 
 STEP = "ingest"
 # 2: one numpy resampler (model_code.audio.resample) for ingest, golden and serving
 # 3: header caps before decoding, duplicate_audio, manifest_bad_row for any row that crashes a check
-CODE_VERSION = "3"
+# 4: manifests/sources.parquet; rows ingested before from the same landing bytes are not decoded again
+CODE_VERSION = "4"
 
 RAW_DIR = "raw"
 MANIFEST_DIR = "manifests"
 MANIFEST_REL = f"{MANIFEST_DIR}/utterances.parquet"
+# id -> the landing bytes it was decoded from (content hash), its audio hash and the decoder version:
+# a later run skips an id whose landing file has the same content hash, without decoding it again
+SOURCES_REL = f"{MANIFEST_DIR}/sources.parquet"
+SOURCES_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("content_id", pa.string(), nullable=False),
+        pa.field("audio_hash", pa.string(), nullable=False),
+        pa.field("decoder", pa.string(), nullable=False),
+    ],
+    metadata={"asrflow.schema": "ingest_sources", "asrflow.schema_version": "1"},
+)
 
 
 class LandingError(RuntimeError):
@@ -115,6 +129,7 @@ class Landing:
     url: str
     fs: Any = field(init=False)
     root: str = field(init=False)
+    content_ids: dict[str, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.fs, root = fsspec.core.url_to_fs(self.url)
@@ -194,15 +209,58 @@ class Landing:
             return f"unreadable:{type(e).__name__}:{info.get('size')}"
         return "sha1:" + h.hexdigest()
 
-    def fingerprint(self) -> str:
-        """sha256 over (relative path, size, content hash) of every file in the landing zone."""
+    def fingerprint(self, stat_cache: str | os.PathLike[str] | None = None) -> str:
+        """sha256 over (relative path, size, content hash) of every file in the landing zone.
+
+        Also fills :attr:`content_ids` (relative path -> content hash), which ingest uses to skip
+        utterances it ingested before from the same bytes. With ``stat_cache`` (a JSON file; local
+        landing zones only), a file whose (inode, size, mtime_ns, ctime_ns) are those recorded there
+        is not read again: its recorded content hash is used (ctime cannot be set back by a
+        writer, so changed bytes always change the stat). Without it every file is hashed, which
+        reads the whole landing zone, history included, every week.
+        """
+        cache: dict[str, list] = {}
+        if stat_cache is not None and self.is_local:
+            try:
+                loaded = json.loads(Path(stat_cache).read_text())
+                if isinstance(loaded, dict) and loaded.get("root") == self.root:
+                    cache = loaded.get("files") or {}
+            except (OSError, ValueError):
+                cache = {}
+        new_cache: dict[str, list] = {}
         items = []
+        self.content_ids = {}
         for path, info in self._files():
             rel = self.rel(path)
             if any(part.startswith(".") for part in rel.split("/")):
                 continue
-            items.append([rel, info.get("size"), self.content_id(path, info)])
+            cid = None
+            sig = None
+            if stat_cache is not None and self.is_local and info.get("size") is not None and self.inside(path):
+                try:
+                    st = os.stat(path)
+                    sig = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+                except OSError:
+                    sig = None
+                hit = cache.get(rel)
+                if sig is not None and isinstance(hit, list) and len(hit) == 5 and hit[:4] == sig:
+                    cid = hit[4]
+            if cid is None:
+                cid = self.content_id(path, info)
+            if sig is not None and cid.startswith("sha1:"):
+                new_cache[rel] = [*sig, cid]
+            self.content_ids[rel] = cid
+            items.append([rel, info.get("size"), cid])
+        if stat_cache is not None and self.is_local and new_cache != cache:
+            try:
+                write_json_atomic(Path(stat_cache), {"root": self.root, "files": new_cache})
+            except OSError as e:  # only a cache: the next run hashes again
+                log.warning("ingest: could not write the landing stat cache %s: %s", stat_cache, e)
         return sha256_hex(json.dumps(items, sort_keys=True))
+
+    def audio_content_id(self, path: str) -> str | None:
+        """The content hash of a landing file seen by :meth:`fingerprint` (``None`` if it was not)."""
+        return self.content_ids.get(self.rel(path))
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
@@ -242,14 +300,14 @@ class Row:
     reason: str | None = None
     message: str | None = None
     decoded: dict[str, Any] | None = None
+    skipped: bool = False  # ingested before from the same bytes: not decoded again
 
     def reject(self, reason: str, message: str) -> None:
         self.reason, self.message = reason, message
 
 
 def _batch_name(landing: Landing, manifest_path: str) -> str:
-    parent = posixpath.dirname(landing.rel(manifest_path))
-    return posixpath.basename(parent) if parent not in ("", ".") else (posixpath.basename(landing.root) or "root")
+    return batch_of(landing.rel(manifest_path), landing.root)
 
 
 def _storable(value: str) -> str:
@@ -523,7 +581,7 @@ def _decode_pool(
 
 
 def _decode_all(landing: Landing, rows: list[Row], cfg: AsrflowConfig, workspace: Path) -> None:
-    todo = [r for r in rows if r.reason is None]
+    todo = [r for r in rows if r.reason is None and not r.skipped]
     ic = cfg.ingest
     max_bytes = int(ic.max_decoded_mb * 2**20)
     caps = {
@@ -667,18 +725,30 @@ def read_manifest(path: str | os.PathLike[str]) -> pa.Table:
     return conform(pq.read_table(path), UTTERANCE_SCHEMA)
 
 
-def _merge(existing: list[dict[str, Any]], rows: list[Row], max_train_s: float) -> tuple[list[dict], int]:
-    """Add decoded rows to the existing records; an id already present with the same audio and
-    text is not new, with different content it is a ``duplicate_id`` rejection."""
-    by_id = {rec["id"]: rec for rec in existing}
-    by_audio = {}
-    for rec in existing:
+def _candidates(existing: pa.Table | None, column: str, values: set[str], columns: list[str]) -> list[dict[str, Any]]:
+    """Rows of ``existing`` whose ``column`` is in ``values`` (in manifest order), as dicts of ``columns``.
+
+    A vectorized filter first, so only the rows that can matter become Python objects (the
+    cumulative manifest grows every week; the rows a run looks at are its landing rows)."""
+    if existing is None or existing.num_rows == 0 or not values:
+        return []
+    mask = pc.is_in(existing.column(column), value_set=pa.array(sorted(values), pa.string()))
+    return existing.filter(mask).select(columns).to_pylist()
+
+
+def _merge(existing: pa.Table | None, rows: list[Row], max_train_s: float, sample_rate: int) -> tuple[pa.Table, int]:
+    """Append decoded rows to the cumulative manifest; an id already present with the same audio and
+    text is not new, with different content it is a ``duplicate_id`` rejection; the same audio
+    under a new id is ``duplicate_audio``. Existing rows are not touched, except ``long_form``,
+    which follows the current ``max_train_s``."""
+    decoded = [r for r in rows if r.reason is None and r.decoded is not None]
+    cols = ["id", "audio_hash", "text", "source"]
+    by_id = {rec["id"]: rec for rec in _candidates(existing, "id", {r.id for r in decoded}, cols)}
+    by_audio: dict[str, dict[str, Any]] = {}
+    for rec in _candidates(existing, "audio_hash", {r.decoded["audio_hash"] for r in decoded}, cols):
         by_audio.setdefault(rec["audio_hash"], rec)
-    out = list(existing)
-    n_new = 0
-    for r in rows:
-        if r.reason is not None or r.decoded is None:
-            continue
+    new: list[dict[str, Any]] = []
+    for r in decoded:
         d = r.decoded
         prev = by_id.get(r.id)
         if prev is not None:
@@ -703,7 +773,7 @@ def _merge(existing: list[dict[str, Any]], rows: list[Row], max_train_s: float) 
             "audio_path": d["audio_path"],
             "duration_s": d["duration_s"],
             "num_samples": d["num_samples"],
-            "sample_rate": None,  # filled below
+            "sample_rate": int(sample_rate),
             "orig_sample_rate": d["orig_sample_rate"],
             "orig_channels": d["orig_channels"],
             "text": r.text,
@@ -715,11 +785,92 @@ def _merge(existing: list[dict[str, Any]], rows: list[Row], max_train_s: float) 
         }
         by_id[r.id] = rec
         by_audio[d["audio_hash"]] = rec
-        out.append(rec)
-        n_new += 1
-    for rec in out:
-        rec["long_form"] = bool(rec["duration_s"] > max_train_s)
-    return out, n_new
+        new.append(rec)
+    table = pa.Table.from_pylist(new, schema=UTTERANCE_SCHEMA)
+    if existing is not None:
+        table = pa.concat_tables([existing.cast(UTTERANCE_SCHEMA), table])
+    i = table.schema.get_field_index("long_form")
+    lf = pc.greater(table.column("duration_s"), pa.scalar(float(max_train_s)))
+    table = table.set_column(i, UTTERANCE_SCHEMA.field("long_form"), lf.cast(pa.bool_()))
+    return table, len(new)
+
+
+def _read_sources(path: Path) -> pa.Table | None:
+    if not path.exists():
+        return None
+    try:
+        return conform(pq.read_table(path), SOURCES_SCHEMA)
+    except (OSError, ValueError, pa.ArrowException) as e:  # only an optimisation: decode everything instead
+        log.warning("ingest: ignoring unreadable %s (%s); every landing row is decoded", path, e)
+        return None
+
+
+_UNSTABLE_CONTENT_IDS = ("unreadable:", "dangling:", "special:", "link-out:")
+
+
+def _skip_known(
+    landing: Landing, rows: list[Row], existing: pa.Table | None, sources: pa.Table | None, decoder: str, ws: Path
+) -> int:
+    """Mark rows ingested before from the same landing bytes (``Row.skipped``), before decoding.
+
+    A row is skipped when its id is in the cumulative manifest with the same normalized text, the
+    ingest that stored it recorded (``sources.parquet``) the same content hash of the same landing
+    file, the same decoder version and the same audio hash, and its raw FLAC is in the store.
+    Decoding it again would give the same audio hash and text, i.e. the row would be "not new": the
+    result is the same, without the decode. Any other row is decoded as before (a changed file under
+    a known id still becomes ``duplicate_id``; quarantined rows are retried every run)."""
+    todo = [r for r in rows if r.reason is None and r.audio_full is not None and r.id is not None]
+    ids = {r.id for r in todo}
+    if not ids or existing is None or sources is None:
+        return 0
+    prev = {rec["id"]: rec for rec in _candidates(existing, "id", ids, ["id", "audio_hash", "text", "audio_path"])}
+    src = {rec["id"]: rec for rec in _candidates(sources, "id", ids, ["id", "content_id", "audio_hash", "decoder"])}
+    n = 0
+    for r in todo:
+        p, s = prev.get(r.id), src.get(r.id)
+        if p is None or s is None:
+            continue
+        cid = landing.audio_content_id(r.audio_full)
+        if (
+            cid
+            and not cid.startswith(_UNSTABLE_CONTENT_IDS)
+            and s["content_id"] == cid
+            and s["decoder"] == decoder
+            and s["audio_hash"] == p["audio_hash"]
+            and p["text"] == r.text
+            and (ws / p["audio_path"]).exists()
+        ):
+            r.skipped = True
+            n += 1
+    return n
+
+
+def _update_sources(
+    landing: Landing, sources: pa.Table | None, rows: list[Row], manifest: pa.Table, decoder: str
+) -> pa.Table:
+    """``sources`` plus one entry per row decoded in this run that is in the manifest (same id and
+    audio hash), replacing an older entry of the same id."""
+    recs = []
+    for r in rows:
+        if r.reason is not None or r.decoded is None or r.audio_full is None:
+            continue
+        cid = landing.audio_content_id(r.audio_full)
+        if not cid or cid.startswith(_UNSTABLE_CONTENT_IDS):
+            continue
+        recs.append({"id": r.id, "content_id": cid, "audio_hash": r.decoded["audio_hash"], "decoder": decoder})
+    if recs:  # only ids whose manifest row has this audio (a rejected duplicate was never merged)
+        in_manifest = {
+            (x["id"], x["audio_hash"])
+            for x in _candidates(manifest, "id", {x["id"] for x in recs}, ["id", "audio_hash"])
+        }
+        recs = [x for x in recs if (x["id"], x["audio_hash"]) in in_manifest]
+    new = pa.Table.from_pylist(recs, schema=SOURCES_SCHEMA)
+    if sources is None:
+        return new
+    if new.num_rows:
+        keep = pc.invert(pc.is_in(sources.column("id"), value_set=new.column("id")))
+        sources = sources.filter(keep)
+    return pa.concat_tables([sources.cast(SOURCES_SCHEMA), new])
 
 
 # ---------------------------------------------------------------------------------
@@ -727,9 +878,10 @@ def _merge(existing: list[dict[str, Any]], rows: list[Row], max_train_s: float) 
 # ---------------------------------------------------------------------------------
 
 
-def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> dict[str, Any]:
+def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path, fingerprint_s: float = 0.0) -> dict[str, Any]:
     t0 = time.monotonic()
     ic = cfg.ingest
+    decoder = f"{CODE_VERSION}:{ic.target_sample_rate}"
     ws = DataWorkspace(cfg.paths.data_workspace, cfg.paths.dvc_remote)
     manifests = landing.manifests(ic.manifest_glob)
     log.info("ingest: %d manifest(s) in %s", len(manifests), landing.url)
@@ -737,7 +889,7 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
         # nothing landed and nothing ingested before: most likely a wrong landing URL
         raise LandingError(f"no manifests matching {ic.manifest_glob!r} in the landing zone {landing.url!r}")
 
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"fingerprint_s": fingerprint_s}
     rows: list[Row] = []
     for m in manifests:
         rows.extend(_parse_manifest(landing, m, ic.text, ic.max_manifest_line_bytes))
@@ -757,20 +909,28 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
         ws.ensure()
         (ws.path / RAW_DIR).mkdir(exist_ok=True)
         t1 = time.monotonic()
+        manifest_path = ws.path / MANIFEST_REL
+        sources_path = ws.path / SOURCES_REL
+        existing_table = read_manifest(manifest_path) if manifest_path.exists() else None
+        sources = _read_sources(sources_path)
+        n_skipped = _skip_known(landing, rows, existing_table, sources, decoder, ws.path)
+        timings["skip_s"] = time.monotonic() - t1
+        t1 = time.monotonic()
         _decode_all(landing, rows, cfg, ws.path)
         timings["decode_s"] = time.monotonic() - t1
         t1 = time.monotonic()
-        manifest_path = ws.path / MANIFEST_REL
-        existing_table = read_manifest(manifest_path) if manifest_path.exists() else None
-        existing = existing_table.to_pylist() if existing_table is not None else []
-        records, n_new = _merge(existing, rows, cfg.validate_.max_train_duration_s)
-        for rec in records:
-            rec["sample_rate"] = int(rec.get("sample_rate") or ic.target_sample_rate)
-        table = pa.Table.from_pylist(records, schema=UTTERANCE_SCHEMA)
+        table, n_new = _merge(existing_table, rows, cfg.validate_.max_train_duration_s, ic.target_sample_rate)
         if existing_table is None or not existing_table.equals(table):
             _write_parquet_atomic(table, manifest_path)
+        new_sources = _update_sources(landing, sources, rows, table, decoder)
+        if sources is None or not sources.equals(new_sources):
+            _write_parquet_atomic(new_sources, sources_path)
+        timings["merge_s"] = time.monotonic() - t1
+        t1 = time.monotonic()
         head_before = ws.head()
         md5s = ws.add([RAW_DIR, MANIFEST_DIR])
+        timings["dvc_add_s"] = time.monotonic() - t1
+        t1 = time.monotonic()
         snapshot_md5 = hashlib.md5(f"{RAW_DIR}:{md5s[RAW_DIR]}\n{MANIFEST_DIR}:{md5s[MANIFEST_DIR]}".encode()).hexdigest()
         tag = f"snapshot-{snapshot_md5[:12]}"
         batches = sorted({r.batch for r in rows})
@@ -781,7 +941,7 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
             push=ic.dvc_push,
         )
         commit = ws.head()
-        timings["dvc_s"] = time.monotonic() - t1
+        timings["dvc_commit_push_s"] = time.monotonic() - t1
         shutil.copyfile(manifest_path, tmp / "manifest.parquet")
 
     bad = [r for r in rows if r.reason is not None]
@@ -802,6 +962,7 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
         "n_rows": table.num_rows,
         "n_new": n_new,
         "n_landing_rows": len(rows),
+        "n_skipped": n_skipped,  # ingested before from the same landing bytes: not decoded again
         "quarantine": "quarantine.parquet",
         "n_quarantined": len(bad),
         "quarantine_reasons": reasons,
@@ -816,7 +977,11 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path) -> 
 def run(cfg: AsrflowConfig, inputs: StepInputs | None = None, force: bool = False) -> IngestResult:
     """Ingest the landing zone (see the module docstring); keyed by the landing zone's content."""
     landing = Landing(cfg.paths.landing_url)
-    fingerprint = landing.fingerprint()
+    t0 = time.monotonic()
+    # the stat cache lives in the artifact root: a file whose stat is unchanged is not hashed again
+    stat_cache = Path(cfg.root) / STEP / f".landing-stat-{sha256_hex(landing.url)[:12]}.json"
+    fingerprint = landing.fingerprint(stat_cache if landing.is_local else None)
+    fingerprint_s = time.monotonic() - t0
     key = step_key(
         STEP,
         {
@@ -829,4 +994,4 @@ def run(cfg: AsrflowConfig, inputs: StepInputs | None = None, force: bool = Fals
         {"landing": fingerprint},
         CODE_VERSION,
     )
-    return run_step(cfg.root, STEP, key, lambda tmp: _work(cfg, landing, fingerprint, tmp), force=force)
+    return run_step(cfg.root, STEP, key, lambda tmp: _work(cfg, landing, fingerprint, tmp, fingerprint_s), force=force)

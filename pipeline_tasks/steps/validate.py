@@ -28,6 +28,7 @@ than quietly train on it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -52,7 +53,15 @@ from data_contracts.suites import (
     format_failures,
 )
 from pipeline_tasks.config import AsrflowConfig
-from pipeline_tasks.contract import file_md5, resolve, run_step, step_key, write_json_atomic
+from pipeline_tasks.contract import (
+    canonical_json,
+    file_md5,
+    resolve,
+    run_step,
+    sha256_hex,
+    step_key,
+    write_json_atomic,
+)
 from pipeline_tasks.records import StepInputs, ValidateResult
 
 log = logging.getLogger(__name__)
@@ -137,6 +146,34 @@ def _batch_summary(acc: pd.DataFrame, n_q_ingest: int, n_q_validate: int) -> dic
     }
 
 
+VERDICTS_DIR = ".batch-verdicts"
+
+
+def _batch_failures(runner: ContractRunner, frame: pd.DataFrame, batch: str, cache: Path | None, salt: str) -> list[dict]:
+    """The batch suite's failures for one batch, remembered by the content of its frame (issue 18).
+
+    A batch's verdict depends only on its frame (its accepted durations and speaker shares, its
+    quarantine count) and on the suite and limits (``salt``), so a batch that passed before with the
+    same frame (every earlier week, each run) is not run through GX again: without this the batch
+    loop costs one GX validation per week of history. Only passes are remembered (a failing batch is
+    validated again, so its failure report is always complete). The Data Docs then show the batches
+    validated by this run; ``summary.json`` lists every batch either way."""
+    if cache is None:
+        return runner.validate_batch(frame, batch)[0]
+    h = hashlib.sha256(f"{salt}\x00{batch}\x00{list(frame.columns)}\x00{list(map(str, frame.dtypes))}".encode())
+    h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    path = cache / f"{h.hexdigest()[:32]}.json"
+    if path.exists():
+        return []  # only passing verdicts are remembered: a failing batch is re-run for its report
+    fails = runner.validate_batch(frame, batch)[0]
+    if not fails:
+        try:
+            write_json_atomic(path, {"batch": batch, "failures": []})
+        except OSError as e:  # only a cache
+            log.warning("validate: could not remember the verdict of %s: %s", batch, e)
+    return fails
+
+
 def _work(cfg: AsrflowConfig, ing: dict[str, Any], key: str, tmp: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     vc = cfg.validate_
@@ -183,11 +220,14 @@ def _work(cfg: AsrflowConfig, ing: dict[str, Any], key: str, tmp: Path) -> dict[
     batches = sorted(set(df["batch"]) | set(ing_q_batches.dropna()))
     summaries: dict[str, Any] = {}
     batch_failures: list[dict[str, Any]] = []
+    verdicts = Path(cfg.root) / STEP / VERDICTS_DIR
+    salt = sha256_hex(canonical_json({"limits": limits.as_dict(), "suites": SUITES_VERSION, "code": CODE_VERSION}))
+    by_batch = dict(tuple(acc_df.groupby("batch", sort=False))) if len(acc_df) else {}
     for b in batches:
-        acc_b = acc_df[acc_df["batch"] == b]
+        acc_b = by_batch.get(b, acc_df.iloc[0:0])
         n_qi = int((ing_q_batches == b).sum())
         n_qv = int((val_q_batches == b).sum())
-        fails, _ = runner.validate_batch(batch_frame(acc_b, n_qi + n_qv), b)
+        fails = _batch_failures(runner, batch_frame(acc_b, n_qi + n_qv), b, verdicts, salt)
         summaries[b] = {**_batch_summary(acc_b, n_qi, n_qv), "success": not fails, "failures": fails}
         batch_failures += fails
 
