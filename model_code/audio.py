@@ -166,6 +166,22 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int, block: int = 1 << 1
     return out.astype(np.float32)
 
 
+def speed_perturb(wave: np.ndarray, sr: int, factor: float) -> np.ndarray:
+    """Kaldi-style speed perturbation: ``(S,)`` float32 → ``(ceil(S / factor),)`` float32 at ``sr``.
+
+    The samples are read as if recorded at ``sr * factor`` and resampled to ``sr`` (what sox's
+    ``speed`` effect in Kaldi's ``perturb_data_dir_speed.sh`` does): tempo *and* pitch change by
+    ``factor``, the duration by ``1 / factor`` (a 0.9 copy is 11 % longer and lower). Same
+    resampler as every other rate change of the project (:func:`resample`); ``sr * factor`` is
+    rounded to whole Hz, so 0.9 / 1.1 at 16 kHz are the exact ratios 10/9 and 10/11.
+    """
+    if factor <= 0:
+        raise ValueError(f"speed factor must be > 0, got {factor}")
+    if factor == 1.0:
+        return np.ascontiguousarray(wave, dtype=np.float32)
+    return resample(wave, int(round(sr * factor)), int(sr))
+
+
 def check_header(
     info,
     name: str,

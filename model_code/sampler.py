@@ -41,6 +41,15 @@ already knows (no overfitting to the newest week either: it is always mixed). Ba
 built from that multiset exactly as above, so the epoch's list still depends only on (seed,
 epoch, data) and resuming stays exact.
 
+**Variants** (speed perturbation): with ``variant_durations`` (N, V), utterance ``i`` exists in V
+cached copies of different lengths (plain, 0.9x and 1.1x speed: a 0.9 copy lasts ``d / 0.9``).
+Each epoch uses copy ``epoch_variants(epoch)[i]`` (:func:`model_code.augment.variant_choice`, a
+pure hash of ``(seed, epoch, i)``; the training dataset loads the same copy), and batches are
+filled and budgeted with *that copy's* duration, so a batch never holds more audio than
+``max_duration_s`` of what is actually loaded. Bucket membership stays fixed, from the plain
+``durations`` (a copy's length is within ±11 % of it, so neighbours stay neighbours);
+:meth:`bucket_max_durations` reports the longest copy (what the memory probe must fit).
+
 Resuming: ``state_dict()`` = ``{epoch, batches already yielded on this rank, ...}``. After
 ``load_state_dict`` the next ``iter()`` regenerates the same epoch's list (it depends only on the
 seed, the epoch and the data) and skips what was already yielded, so the rest of the epoch is
@@ -91,6 +100,8 @@ class DynamicBucketingSampler:
             once per epoch).
         replay_share: in replay mode, the share of old utterances in an epoch, in [0, 1).
         new_repeats: in replay mode, how many times each new utterance appears per epoch.
+        variant_durations: optional (N, V) durations of V copies of each utterance (column 0:
+            usually ``durations`` itself); each epoch batches one copy per utterance (see above).
         sort_pool_batches: how many batches' worth of audio is sorted together (randomness vs.
             padding; larger → less padding, less variety between epochs).
         min_batches_per_bucket: fewer buckets than ``num_buckets`` when the data holds less than
@@ -118,6 +129,7 @@ class DynamicBucketingSampler:
         new_mask: Sequence[bool] | np.ndarray | None = None,
         replay_share: float = 0.0,
         new_repeats: int = 1,
+        variant_durations: Sequence[Sequence[float]] | np.ndarray | None = None,
     ) -> None:
         self.durations = np.asarray(durations, dtype=np.float64)
         if self.durations.ndim != 1:
@@ -189,6 +201,14 @@ class DynamicBucketingSampler:
             raise ValueError("new_repeats must be >= 1")
         self.replay_share = float(replay_share)
         self.new_repeats = int(new_repeats)
+        self.variant_durations: np.ndarray | None = None
+        if variant_durations is not None:
+            vd = np.asarray(variant_durations, dtype=np.float64)
+            if vd.ndim != 2 or vd.shape[0] != n or vd.shape[1] < 1:
+                raise ValueError(f"variant_durations must be (N={n}, V>=1), got shape {vd.shape}")
+            if np.any(~np.isfinite(vd)) or np.any(vd < 0):
+                raise ValueError("variant_durations must be finite and >= 0")
+            self.variant_durations = vd
 
         self.epoch = 0
         self._yielded = 0
@@ -218,10 +238,25 @@ class DynamicBucketingSampler:
         self._cache = None
 
     def bucket_max_durations(self) -> list[float]:
-        """Longest duration in each duration bucket (what :mod:`memory_probe` should probe)."""
+        """Longest duration in each duration bucket (what :mod:`memory_probe` should probe); with
+        variants, the longest copy."""
         b = np.searchsorted(self.boundaries, self.durations, side="right")
-        return [float(self.durations[b == k].max()) if np.any(b == k) else 0.0
+        longest = self.durations if self.variant_durations is None else self.variant_durations.max(axis=1)
+        return [float(longest[b == k].max()) if np.any(b == k) else 0.0
                 for k in range(self.num_duration_buckets)]
+
+    def epoch_variants(self, epoch: int) -> np.ndarray:
+        """(N,) which copy of each utterance ``epoch`` uses (all 0 without ``variant_durations``)."""
+        from model_code.augment import variant_choice
+
+        n_var = 1 if self.variant_durations is None else self.variant_durations.shape[1]
+        return variant_choice(self.seed, epoch, np.arange(len(self.durations)), n_var)
+
+    def epoch_durations(self, epoch: int) -> np.ndarray:
+        """(N,) the duration of the copy each utterance has in ``epoch`` (what batches are filled by)."""
+        if self.variant_durations is None:
+            return self.durations
+        return self.variant_durations[np.arange(len(self.durations)), self.epoch_variants(epoch)]
 
     # ------------------------------------------------------------------ cost
     def cost(self, max_d: float, n: int) -> float:
@@ -234,14 +269,14 @@ class DynamicBucketingSampler:
         return d if self.quadratic_duration_s is None else d + d * d / self.quadratic_duration_s
 
     # ------------------------------------------------------------------ batches
-    def _fill(self, items: np.ndarray) -> tuple[list[list[int]], list[int]]:
+    def _fill(self, items: np.ndarray, d: np.ndarray) -> tuple[list[list[int]], list[int]]:
         """Greedy batches from ``items`` sorted ascending by duration → (full batches, leftover).
 
         A batch is closed when the next utterance would break the budget or the batch-size cap
         (the smallest cap among its utterances' buckets); the unfinished last one is returned
-        separately so the caller can carry it on.
+        separately so the caller can carry it on. ``d``: (N,) this epoch's durations.
         """
-        d, caps = self.durations, self._item_cap
+        caps = self._item_cap
         batches: list[list[int]] = []
         cur: list[int] = []
         cur_max, cur_cap = 0.0, 0
@@ -255,15 +290,13 @@ class DynamicBucketingSampler:
             cur_max, cur_cap = m, c
         return batches, cur
 
-    def _is_full(self, batch: list[int]) -> bool:
+    def _is_full(self, batch: list[int], d: np.ndarray) -> bool:
         """Would one more utterance as long as the longest break the budget or the cap?"""
-        d = self.durations
         return (self.cost(float(d[batch].max()), len(batch) + 1) > self.max_duration_s
                 or len(batch) + 1 > int(self._item_cap[batch].min()))
 
-    def _balance(self, batches: list[list[int]]) -> list[list[int]]:
+    def _balance(self, batches: list[list[int]], d: np.ndarray) -> list[list[int]]:
         """Same number of batches over the same sorted utterances, minimum padded cost."""
-        d = self.durations
         if not self.balance or len(batches) < 2 or _padding(d, batches) <= 0.005:
             return batches
         flat = [i for b in batches for i in b]
@@ -274,10 +307,9 @@ class DynamicBucketingSampler:
         bounds = np.cumsum([0, *sizes])
         return [flat[bounds[k] : bounds[k + 1]] for k in range(len(sizes))]
 
-    def _bucket_batches(self, members: np.ndarray, rng: np.random.Generator | None
+    def _bucket_batches(self, members: np.ndarray, rng: np.random.Generator | None, d: np.ndarray
                         ) -> tuple[list[list[int]], list[int]]:
         """Full batches of one bucket (greedy fill, then balanced) and its leftover utterances."""
-        d = self.durations
         if rng is None:
             pools = [members]
         else:
@@ -292,8 +324,8 @@ class DynamicBucketingSampler:
         for pool in pools:
             items = np.concatenate([np.asarray(carry, dtype=np.int64), pool]) if carry else pool
             items = items[np.argsort(d[items], kind="stable")]
-            full, carry = self._fill(items)
-            batches.extend(self._balance(full))
+            full, carry = self._fill(items, d)
+            batches.extend(self._balance(full, d))
         return batches, carry
 
     def epoch_counts(self, epoch: int) -> np.ndarray:
@@ -317,6 +349,7 @@ class DynamicBucketingSampler:
         """Every rank's batches for ``epoch``, in order (depends only on seed, epoch and data)."""
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         counts = self.epoch_counts(epoch) if self.new_mask is not None else None
+        d = self.epoch_durations(epoch)
         batches: list[list[int]] = []
         leftovers: list[int] = []
         for _, members in self._buckets:
@@ -324,17 +357,17 @@ class DynamicBucketingSampler:
                 members = np.repeat(members, counts[members])
                 if not len(members):
                     continue
-            full, rest = self._bucket_batches(members, rng)
+            full, rest = self._bucket_batches(members, rng, d)
             batches.extend(full)
             leftovers.extend(rest)
         if leftovers:
             # each bucket's unfinished batch: pooled across (neighbouring) buckets and re-batched
             items = np.asarray(leftovers, dtype=np.int64)
-            items = items[np.argsort(self.durations[items], kind="stable")]
-            full, rest = self._fill(items)
-            if rest and (not self.drop_last or self._is_full(rest)):
+            items = items[np.argsort(d[items], kind="stable")]
+            full, rest = self._fill(items, d)
+            if rest and (not self.drop_last or self._is_full(rest, d)):
                 full.append(rest)
-            batches.extend(self._balance(full))
+            batches.extend(self._balance(full, d))
         if rng is not None and batches:
             perm = rng.permutation(len(batches))
             batches = [batches[i] for i in perm]
@@ -394,8 +427,10 @@ class DynamicBucketingSampler:
 
     # ------------------------------------------------------------------ stats
     def padding_share(self, batches: list[list[int]] | None = None) -> float:
-        """1 − Σ duration / Σ (batch size × longest) over ``batches`` (default: this rank's epoch)."""
-        return padding_share(self.durations, self._epoch_batches() if batches is None else batches)
+        """1 − Σ duration / Σ (batch size × longest) over ``batches`` (default: this rank's epoch),
+        with this epoch's durations (the chosen copies)."""
+        d = self.epoch_durations(self.epoch)
+        return padding_share(d, self._epoch_batches() if batches is None else batches)
 
 
 def padding_share(durations: np.ndarray, batches: list[list[int]]) -> float:

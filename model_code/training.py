@@ -8,7 +8,9 @@ launcher can hand it to child processes) and never imports ``pipeline_tasks``.
 Per optimizer step::
 
     batch indices (DynamicBucketingSampler, this rank's share)
-      → features (FeatureTable, float32 (T_i, n_mels)) + token ids (tokenizer)
+      → features (FeatureTable, float32 (T_i, n_mels); with speed perturbation, one of the
+        speed-perturbed copies per utterance and epoch) + token ids (tokenizer)
+      → noise / reverb per utterance (model_code.augment.FeatureAugment, drawn from (seed, epoch, index))
       → collate: feats (B, T, F), feat_lens (B,), tokens (B, L), token_lens (B,)
       → SpecAugment (training only, main process, torch's global RNG)
       → ConformerCTC: log_probs (B, T', V), out_lens (B,)      [T' ≈ T/4]
@@ -18,9 +20,10 @@ Per optimizer step::
 Resume: a :class:`~model_code.checkpoint.CheckpointManager` saves every N optimizer steps or M
 minutes (and at every epoch end): DeepSpeed's module/optimizer/scheduler files plus a JSON
 trainer state per rank (epoch, sampler position, global step, per-step log, per-epoch
-history, RNG states). Data order depends only on (seed, epoch) and augmentation/dropout only on
-the restored RNG, so a run killed with SIGKILL and restarted replays the same loss curve
-(bitwise on CPU in deterministic mode; tested in ``tests/model_code/test_checkpoint.py``).
+history, RNG states). Data order, the speed copy and the noise/reverb of each utterance depend
+only on (seed, epoch, index), SpecAugment and dropout only on the restored RNG, so a run killed
+with SIGKILL and restarted replays the same loss curve (bitwise on CPU in deterministic mode;
+tested in ``tests/model_code/test_checkpoint.py``).
 
 Per-step records (loss, lr, grad norm, audio-seconds/s, data-wait share, batch load time,
 padding) go to callbacks in-process and, on rank 0, to ``<out_dir>/events.jsonl`` (the parent
@@ -85,6 +88,12 @@ class TrainArgs:
     keep_checkpoints: int = 2
     sampler: dict[str, Any] = field(default_factory=lambda: {"max_duration_s": 120.0, "num_buckets": 30})
     specaugment: dict[str, Any] = field(default_factory=dict)
+    # speed perturbation: indexes of the same utterances, same order, from the speed-perturbed
+    # feature caches (split's train_sp0.9.parquet...). Each epoch trains every utterance on one of
+    # [train_index, *variant_indexes] (model_code.augment.variant_choice); [] = train_index only
+    variant_indexes: list[str] = field(default_factory=list)
+    # FeatureAugment(**augment): noise_prob, noise_snr_db, reverb_prob, reverb_t60_s ({} = off)
+    augment: dict[str, Any] = field(default_factory=dict)
     dev_max_duration_s: float | None = None  # eval batch budget (default: 2 × sampler budget)
     save_model: bool = True
     lm_texts: bool = True  # ship lexicon + n-gram LM built from the training transcripts
@@ -265,13 +274,36 @@ def set_threads(torch_threads: int, local_world_size: int) -> int:
 class BatchDataset(torch.utils.data.Dataset):
     """Map-style dataset whose item ``i`` is the *collated batch* of ``batches[i]``.
 
-    Runs in DataLoader workers (no RNG use: augmentation happens in the main process so the
-    restored RNG governs it). Item: ``collate(...)`` dict plus ``idx`` (B,) dataset indices,
-    ``audio_s`` (float), ``load_s`` (seconds spent building the batch).
+    Runs in DataLoader workers, so it uses no RNG state: SpecAugment happens in the main process
+    (the restored RNG governs it), and what happens here is a pure function of (seed, epoch,
+    index): utterance ``j`` is read from ``tables[variants[j]]`` (its speed copy this epoch) and
+    goes through ``augment(feats, epoch, j)`` (noise / reverb). Item: ``collate(...)`` dict plus
+    ``idx`` (B,) dataset indices, ``audio_s`` (float, of the copies loaded), ``load_s`` (seconds
+    spent building the batch).
     """
 
-    def __init__(self, table, token_ids: list[list[int]], durations: np.ndarray, batches: list[list[int]]):
+    def __init__(
+        self,
+        table,
+        token_ids: list[list[int]],
+        durations: np.ndarray,
+        batches: list[list[int]],
+        *,
+        tables: list | None = None,
+        variants: np.ndarray | None = None,
+        augment=None,
+        epoch: int = 0,
+    ):
         self.table, self.token_ids, self.durations, self.batches = table, token_ids, durations, batches
+        self.tables = tables or [table]
+        self.variants = variants
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.epoch = int(epoch)
+
+    def _features(self, j: int) -> np.ndarray:
+        t = self.tables[int(self.variants[j])] if self.variants is not None else self.table
+        f = t.features(j)
+        return self.augment(f, self.epoch, j) if self.augment is not None else f
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -281,7 +313,7 @@ class BatchDataset(torch.utils.data.Dataset):
 
         t0 = time.perf_counter()
         idx = self.batches[i]
-        out = collate([self.table.features(j) for j in idx], [self.token_ids[j] for j in idx])
+        out = collate([self._features(j) for j in idx], [self.token_ids[j] for j in idx])
         out["idx"] = torch.tensor(idx, dtype=torch.long)
         out["audio_s"] = float(self.durations[idx].sum())
         out["load_s"] = time.perf_counter() - t0
@@ -485,6 +517,7 @@ def replay_kwargs(replay: dict[str, Any] | None, batches: list[str]) -> dict[str
 def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, Any]:
     import deepspeed
 
+    from model_code.augment import FeatureAugment
     from model_code.checkpoint import CheckpointManager, _fault
     from model_code.conformer import ConformerCTC, SpecAugment, count_parameters
     from model_code.dataset import FeatureTable
@@ -505,6 +538,19 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
     tokenizer = tokenizer_from_dict(args.tokenizer)
     table = FeatureTable(args.train_index)
     durations = table.durations()
+    # speed-perturbed copies: every table holds the same utterances in the same order
+    tables = [table] + [FeatureTable(p) for p in args.variant_indexes]
+    for p, t in zip(args.variant_indexes, tables[1:], strict=True):
+        if t.ids() != table.ids():
+            raise ValueError(f"variant index {p} does not list the utterances of {args.train_index} in its order")
+    variant_durations = np.stack([t.durations() for t in tables], axis=1) if len(tables) > 1 else None  # (N, V)
+    fk = args.feature_kwargs
+    augment = FeatureAugment(
+        **args.augment,
+        frame_s=float(fk.get("hop_length", 160)) / float(fk.get("sample_rate", 16000)),
+        log_offset=float(fk.get("log_offset", 1e-6)),
+        seed=args.seed,
+    )
     texts = table.texts()
     token_ids = [tokenizer.encode(t) for t in texts]
     sc = dict(args.sampler)
@@ -520,6 +566,7 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         token_lengths=[len(t) for t in token_ids] if sc.get("two_d_buckets") else None,
         num_token_buckets=int(sc.get("num_token_buckets", 1)) if sc.get("two_d_buckets") else 1,
         bucket_batch_sizes=sc.get("bucket_batch_sizes"),
+        variant_durations=variant_durations,
         **replay_kwargs(args.replay, table.batches()),
     )
     probed: list[int] | None = None
@@ -633,7 +680,12 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
             # whole optimizer steps only; every rank has the same count (sampler guarantees it)
             n_use = (len(sampler) // args.grad_accum) * args.grad_accum - start_batch
             batches = batches[: max(n_use, 0)]
-            loader = _loader(BatchDataset(table, token_ids, durations, batches), args.num_workers, args.seed + epoch)
+            ds = BatchDataset(
+                table, token_ids, sampler.epoch_durations(epoch), batches,
+                tables=tables, variants=sampler.epoch_variants(epoch) if len(tables) > 1 else None,
+                augment=augment, epoch=epoch,
+            )
+            loader = _loader(ds, args.num_workers, args.seed + epoch)
             it = iter(loader)
             ep = {"loss_sum": 0.0, "n": 0, "audio_s": 0.0, "wait_s": 0.0, "busy_s": 0.0, "frames": 0, "padded": 0}
             micro = 0

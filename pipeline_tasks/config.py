@@ -172,6 +172,24 @@ class FeatureConfig(_Section):
     # a process pool only pays off for enough audio (a worker start costs ~0.5 CPU-s; log-mel ~0.2 CPU-s
     # per audio-minute): below this much new audio, featurize computes in-process
     parallel_min_audio_s: float = Field(1800.0, ge=0)
+    # speed perturbation (Kaldi-style copies, e.g. [0.9, 1.0, 1.1]): featurize caches each factor
+    # f != 1 as its own shards in <root>/feature_cache/<feature_hash>-sp<f>/, incrementally like
+    # the plain cache, and split writes train_sp<f>.parquet / proxy_sp<f>.parquet; training uses
+    # them with train.augment.speed_perturb. Not part of feature_hash: the 1.0 cache is the same
+    speed_factors: list[float] = Field(default_factory=lambda: [1.0])
+
+    @field_validator("speed_factors")
+    @classmethod
+    def _speed_factors(cls, v: list[float]) -> list[float]:
+        v = sorted(float(f) for f in v)
+        if 1.0 not in v or len(set(v)) != len(v) or any(not 0.5 <= f <= 2.0 for f in v):
+            raise ValueError(f"speed_factors must hold 1.0 and distinct factors in [0.5, 2], got {v}")
+        return v
+
+    @property
+    def speed_variants(self) -> list[float]:
+        """The perturbed factors (``speed_factors`` without 1.0), ascending."""
+        return [f for f in self.speed_factors if f != 1.0]
 
 
 class SplitConfig(_Section):
@@ -204,6 +222,33 @@ class SpecAugmentConfig(_Section):
     freq_mask_width: int = Field(15, ge=0)
     time_masks: int = Field(2, ge=0)
     time_mask_width: int = Field(25, ge=0)
+
+
+class AugmentConfig(_Section):
+    """Training augmentation besides SpecAugment (``model_code.augment``), each draw a pure
+    function of (train.seed, epoch, utterance), so resuming stays exact."""
+
+    # train each utterance, each epoch, on one of its features.speed_factors copies (uniformly)
+    speed_perturb: bool = False
+    # additive stationary coloured noise on the linear mel energies, SNR ~ U(noise_snr_db)
+    noise_prob: float = Field(0.0, ge=0, le=1)
+    noise_snr_db: tuple[float, float] = (5.0, 30.0)
+    # exponential-decay reverb tail smeared across frames, T60 ~ U(reverb_t60_s)
+    reverb_prob: float = Field(0.0, ge=0, le=1)
+    reverb_t60_s: tuple[float, float] = (0.2, 0.8)
+
+    @field_validator("noise_snr_db", "reverb_t60_s")
+    @classmethod
+    def _low_high(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError(f"must be (low, high) with low <= high, got {v}")
+        if info.field_name == "reverb_t60_s" and v[0] <= 0:
+            raise ValueError(f"T60 must be > 0, got {v}")
+        return v
+
+    def feature_kwargs(self) -> dict[str, Any]:
+        """``model_code.augment.FeatureAugment`` keyword arguments (noise and reverb)."""
+        return self.model_dump(mode="json", exclude={"speed_perturb"})
 
 
 class SamplerConfig(_Section):
@@ -241,6 +286,7 @@ class TrainConfig(_Section):
     dev_decode: Literal["greedy", "beam"] = "greedy"
     sampler: SamplerConfig = SamplerConfig()
     specaugment: SpecAugmentConfig = SpecAugmentConfig()
+    augment: AugmentConfig = AugmentConfig()
     gpu_pool_slots: int = Field(1, ge=1)
     keep_checkpoint_after_publish: bool = False  # keep <root>/checkpoints/train/<key>/ once the model is published
     ds_shm_comm: bool = False  # DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op, ~40 s once)
@@ -430,6 +476,15 @@ class AsrflowConfig(_Section):
         if not v or "/" in v:
             raise ValueError("profile must be a plain name")
         return v
+
+    @model_validator(mode="after")
+    def _speed_perturb_needs_factors(self) -> AsrflowConfig:
+        if self.train.augment.speed_perturb and not self.features.speed_variants:
+            raise ValueError(
+                "train.augment.speed_perturb needs speed-perturbed features: set features.speed_factors "
+                "(e.g. [0.9, 1.0, 1.1])"
+            )
+        return self
 
     # -- helpers -----------------------------------------------------------------
     @property

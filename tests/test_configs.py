@@ -83,3 +83,33 @@ def test_apply_overrides_nested_and_pure():
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no config profile"):
         load_config("nope-not-a-profile")
+
+
+def test_augmentation_keys_are_typed_validated_and_shipped(monkeypatch, tmp_path):
+    from pipeline_tasks.config import check_trigger_overrides
+
+    monkeypatch.delenv("ASRFLOW_ROOT", raising=False)
+    tiny = load_config("tiny", [f"paths.root={tmp_path}"])
+    # tiny computes no speed copies and augments nothing by default (fast tests)
+    assert tiny.features.speed_factors == [1.0] and tiny.features.speed_variants == []
+    a = tiny.train.augment
+    assert (a.speed_perturb, a.noise_prob, a.reverb_prob) == (False, 0.0, 0.0)
+    local, prod = load_config("local"), load_config("prod")
+    assert local.features.speed_factors == [0.9, 1.0, 1.1] and not local.train.augment.speed_perturb
+    assert {"train.augment.speed_perturb", "train.augment.noise_prob", "train.augment.reverb_prob"} <= set(local.tune.space)
+    assert prod.train.augment.speed_perturb and prod.features.speed_variants == [0.9, 1.1]
+    check_trigger_overrides(prod, ["train.augment.noise_prob=0.3", "train.augment.speed_perturb=false"])
+    ok = load_config("tiny", [f"paths.root={tmp_path}", "features.speed_factors=[1.1, 1.0, 0.9]",
+                              "train.augment.speed_perturb=true", "train.augment.noise_snr_db=[0, 10]"])
+    assert ok.features.speed_factors == [0.9, 1.0, 1.1] and ok.train.augment.noise_snr_db == (0.0, 10.0)
+    for bad in (
+        ["features.speed_factors=[0.9, 1.1]"],  # 1.0 (the plain cache) must be there
+        ["features.speed_factors=[1.0, 1.0]"],
+        ["features.speed_factors=[1.0, 3.0]"],
+        ["train.augment.speed_perturb=true"],  # no copies to pick from
+        ["train.augment.noise_prob=1.5"],
+        ["train.augment.noise_snr_db=[20, 10]"],
+        ["train.augment.reverb_t60_s=[0.0, 0.5]"],
+    ):
+        with pytest.raises(ValidationError):
+            load_config("tiny", [f"paths.root={tmp_path}", *bad])

@@ -26,6 +26,15 @@ Why this layout:
   than it saves) + finalize. Each worker pins BLAS to one thread (measured: OpenBLAS's own threads
   tripled the CPU cost on a busy machine).
 
+Speed perturbation (``features.speed_factors``, Kaldi-style 0.9 / 1.1 copies): each factor
+``f != 1`` has its own cache folder, ``<root>/feature_cache/<feature_hash>-sp<f>/``, with the same
+shard layout, keyed the same way (audio hash) and filled the same incremental way; its shards hold
+``logmel(speed_perturb(wave, sr, f))`` and ``duration_s / f``. So the Parquet cache stays the one
+source of features, a new week computes only its own utterances in every folder, and the plain
+folder is the same with or without factors. The index of a factor (:func:`build_index` with
+``speed=f``) lists the same rows in the same order as the plain one, so training can swap copies
+row by row.
+
 Which utterances are cached is read from the shards themselves (their ``audio_hash`` column; a
 column projection reads a few KB per shard), so there is no separate catalog to keep consistent.
 """
@@ -49,6 +58,7 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 from data_contracts.schema import FEATURE_INDEX_SCHEMA
+from model_code.audio import speed_perturb
 from model_code.feature_store import shard_table
 from model_code.features import feature_hash, feature_kwargs, logmel
 from pipeline_tasks.config import FeatureConfig
@@ -60,9 +70,14 @@ CACHE_DIRNAME = "feature_cache"
 SHARD_PREFIX = "shard-"
 
 
-def feature_cache_dir(root: str | os.PathLike[str], fcfg: FeatureConfig) -> Path:
-    """``<root>/feature_cache/<feature_hash>/``: where features of this config live."""
-    return Path(root) / CACHE_DIRNAME / feature_hash(fcfg)
+def speed_tag(speed: float) -> str:
+    """``""`` for 1.0, ``"-sp0.9"`` for 0.9: the suffix of a speed copy's cache folder and files."""
+    return "" if float(speed) == 1.0 else f"-sp{float(speed):g}"
+
+
+def feature_cache_dir(root: str | os.PathLike[str], fcfg: FeatureConfig, speed: float = 1.0) -> Path:
+    """``<root>/feature_cache/<feature_hash>[-sp<speed>]/``: where features of this config (and speed copy) live."""
+    return Path(root) / CACHE_DIRNAME / (feature_hash(fcfg) + speed_tag(speed))
 
 
 def cache_lookup(cache_dir: str | os.PathLike[str]) -> dict[str, tuple[str, int, int]]:
@@ -100,16 +115,17 @@ def plan_manifest(
     workspace: str | os.PathLike[str],
     fcfg: FeatureConfig,
     root: str | os.PathLike[str],
+    speed: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Shard records for the utterances of ``manifest_path`` that are not cached yet.
+    """Shard records for the utterances of ``manifest_path`` that are not cached yet (at ``speed``).
 
     Each record is small and JSON-able: ``name`` (shard file name), ``cache_dir``, ``manifest``,
-    ``workspace``, ``features`` (the feature config) and ``audio_hashes`` (which utterances it
-    computes). Audio that appears several times in the manifest is computed once. The grouping is
-    deterministic (manifest order, ``shard_size`` per shard), so a re-plan after a crash names the
-    same shards.
+    ``workspace``, ``features`` (the feature config), ``speed`` (the speed-perturbation factor)
+    and ``audio_hashes`` (which utterances it computes). Audio that appears several times in the
+    manifest is computed once. The grouping is deterministic (manifest order, ``shard_size`` per
+    shard), so a re-plan after a crash names the same shards.
     """
-    cdir = feature_cache_dir(root, fcfg)
+    cdir = feature_cache_dir(root, fcfg, speed)
     cached = cache_lookup(cdir)
     m = pq.read_table(manifest_path, columns=["audio_hash", "duration_s"])
     hashes = m.column("audio_hash").to_pylist()
@@ -122,7 +138,7 @@ def plan_manifest(
             seen.add(h)
             todo.append(h)
             dur_of[h] = float(d)
-    fhash = feature_hash(fcfg)
+    fhash = feature_hash(fcfg) + speed_tag(speed)
     shards = []
     for i in range(0, len(todo), fcfg.shard_size):
         chunk = todo[i : i + fcfg.shard_size]
@@ -133,8 +149,9 @@ def plan_manifest(
                 "manifest": str(Path(manifest_path).absolute()),
                 "workspace": str(Path(workspace).absolute()),
                 "features": _feature_section(fcfg),
+                "speed": float(speed),
                 "audio_hashes": chunk,
-                "audio_s": round(sum(dur_of[h] for h in chunk), 3),
+                "audio_s": round(sum(dur_of[h] for h in chunk) / speed, 3),
             }
         )
     return shards
@@ -162,15 +179,18 @@ def compute_shard(shard: dict[str, Any]) -> dict[str, Any]:
     """Compute and publish one shard (idempotent). Returns ``shard`` (abs path), counts and timings.
 
     If the shard file exists already (a retry, or another run got there first) nothing is
-    computed (``n_computed == 0``).
+    computed (``n_computed == 0``). A ``speed`` other than 1 (absent: 1) computes the features of
+    ``speed_perturb(wave, sr, speed)`` and stores ``duration_s / speed``.
     """
     t0 = time.perf_counter()
     cdir = Path(shard["cache_dir"])
     final = cdir / shard["name"]
     hashes: list[str] = list(shard["audio_hashes"])
+    speed = float(shard.get("speed", 1.0))
     if final.exists():
         return {
             "shard": str(final),
+            "speed": speed,
             "n_rows": len(hashes),
             "n_computed": 0,
             "audio_s": 0.0,
@@ -199,14 +219,16 @@ def compute_shard(shard: dict[str, Any]) -> dict[str, Any]:
         for h in hashes:
             i = first[h]
             wave = _read_wave(ws / cols["audio_path"][i], kwargs["sample_rate"])
+            if speed != 1.0:
+                wave = speed_perturb(wave, kwargs["sample_rate"], speed)  # (ceil(S / speed),)
             audio_s += wave.shape[0] / kwargs["sample_rate"]
             feats.append(logmel(wave, **kwargs))  # (T, n_mels)
             ids.append(cols["id"][i])
             texts.append(cols["text"][i])
-            durs.append(float(cols["duration_s"][i]))
+            durs.append(float(cols["duration_s"][i]) / speed)
             spks.append(cols["speaker"][i])
     table = shard_table(
-        ids, hashes, feats, texts, durs, spks, dtype=fcfg["dtype"], feature_hash=feature_hash(fcfg)
+        ids, hashes, feats, texts, durs, spks, dtype=fcfg["dtype"], feature_hash=feature_hash(fcfg) + speed_tag(speed)
     )
     cdir.mkdir(parents=True, exist_ok=True)
     tmp = cdir / f".tmp-{shard['name']}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -221,6 +243,7 @@ def compute_shard(shard: dict[str, Any]) -> dict[str, Any]:
         tmp.unlink(missing_ok=True)
     return {
         "shard": str(final),
+        "speed": speed,
         "n_rows": len(hashes),
         "n_computed": n_computed,
         "audio_s": round(audio_s, 3),
@@ -229,8 +252,13 @@ def compute_shard(shard: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_index(manifest_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> pa.Table:
-    """``FEATURE_INDEX_SCHEMA`` rows for every manifest row, in manifest order, from the cache."""
+def build_index(
+    manifest_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str], speed: float = 1.0
+) -> pa.Table:
+    """``FEATURE_INDEX_SCHEMA`` rows for every manifest row, in manifest order, from the cache.
+
+    ``cache_dir`` of a speed copy with its ``speed``: the same rows, durations ``duration_s / speed``.
+    """
     m = pq.read_table(manifest_path)
     lookup = cache_lookup(cache_dir)
     hashes = m.column("audio_hash").to_pylist()
@@ -248,7 +276,9 @@ def build_index(manifest_path: str | os.PathLike[str], cache_dir: str | os.PathL
             "shard": pa.array([x[0] for x in loc], pa.string()),
             "row": pa.array([x[1] for x in loc], pa.int64()),
             "n_frames": pa.array([x[2] for x in loc], pa.int32()),
-            "duration_s": m.column("duration_s"),
+            "duration_s": m.column("duration_s")
+            if speed == 1.0
+            else pa.array(np.asarray(m.column("duration_s").to_numpy(), dtype=np.float64) / speed, pa.float64()),
             "text": m.column("text"),
             "speaker": m.column("speaker"),
             "long_form": m.column("long_form"),

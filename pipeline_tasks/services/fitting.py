@@ -75,18 +75,29 @@ def train_args(
     meta: dict[str, Any] | None = None,
     parent=None,
     new_batches: list[str] | None = None,
+    speed_indexes: dict[str, Path] | None = None,
 ):
     """:class:`model_code.training.TrainArgs` from the typed config (the only place they meet).
 
     A warm start (``parent.warm``) loads the parent's weights, uses the fine-tuning schedule (peak
     LR ``lr × finetune_lr_factor``, ``finetune_warmup_steps``) and replays older weeks
     (``replay_share`` of each epoch; every utterance of ``new_batches`` each epoch).
+    With ``train.augment.speed_perturb``, ``speed_indexes`` (factor → index of ``train_index``'s
+    rows in that speed copy's cache, e.g. split's ``train_speed``) become the variant indexes.
     """
     from model_code.features import feature_kwargs
     from model_code.training import TrainArgs
 
     t = cfg.train
     warm = parent is not None and parent.warm
+    variants: list[str] = []
+    if t.augment.speed_perturb:
+        if not speed_indexes:
+            raise ValueError(
+                "train.augment.speed_perturb is on but there are no speed-perturbed indexes for "
+                f"{train_index} (featurize with features.speed_factors, then split)"
+            )
+        variants = [str(speed_indexes[f]) for f in sorted(speed_indexes, key=float)]
     return TrainArgs(
         train_index=str(train_index),
         dev_index=str(dev_index) if dev_index else None,
@@ -118,6 +129,8 @@ def train_args(
             "memory_probe_cache": str(cfg.root / "cache" / "memory_probe.json"),
         },
         specaugment=t.specaugment.model_dump(mode="json"),
+        variant_indexes=variants,
+        augment=t.augment.feature_kwargs(),
         lm_texts=t.build_lm,
         lm_order=cfg.decode.lm_order,
         meta=dict(meta or {}),
@@ -231,8 +244,12 @@ def fit(
     mlflow_tags: dict[str, str] | None = None,
     parent=None,
     meta: dict[str, Any] | None = None,
+    speed_indexes: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``train_index``, evaluating on ``dev_index`` each epoch; write ``out_dir``.
+
+    ``speed_indexes``: factor → the speed copy of ``train_index`` (used with
+    ``train.augment.speed_perturb``; see :func:`train_args`).
 
     Writes ``out_dir/model/`` (packaging format), ``history.json``, ``curve.png``,
     ``events.jsonl``. ``on_epoch_end(epoch, {"dev_wer", "dev_cer", "loss", ...})`` may raise
@@ -276,7 +293,7 @@ def fit(
     meta = {**(meta or {}), "train_md5": train_md5, "git_commit": git_commit(), "profile": cfg.profile, **lineage}
     args = train_args(
         cfg, train_index, dev_index, out_dir, tokenizer, epochs=epochs, max_minutes=max_minutes,
-        checkpoint_dir=checkpoint_dir, meta=meta, parent=parent, new_batches=fresh,
+        checkpoint_dir=checkpoint_dir, meta=meta, parent=parent, new_batches=fresh, speed_indexes=speed_indexes,
     )
 
     # ---- MLflow run

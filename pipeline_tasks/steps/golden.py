@@ -211,7 +211,8 @@ def run(cfg: AsrflowConfig, inputs: StepInputs | None = None, force: bool = Fals
     check_layout(cfg)
     manifest = golden_manifest_path(cfg)
     material = {
-        "features": cfg.features.model_dump(mode="json", exclude={"jobs", "parallel_min_audio_s"}),
+        # speed copies are for training only: the golden set is featurized at speed 1 whatever speed_factors says
+        "features": cfg.features.model_dump(mode="json", exclude={"jobs", "parallel_min_audio_s", "speed_factors"}),
         "text": cfg.ingest.text,
         "sample_rate": cfg.ingest.target_sample_rate,
         "max_train_duration_s": cfg.validate_.max_train_duration_s,

@@ -17,6 +17,11 @@ expectation and stable as data grows. Small strata can get no member by chance, 
 bucket and each speaker of train with no member contributes its lowest-hash utterance; those
 fallback members are the only proxy rows that can change when data is added (a new utterance can
 take a stratum's place), and they stay inside train.
+
+Speed copies: when featurize wrote speed-perturbed indexes (``speed_indexes``: factor → same rows,
+same order, another cache folder), the same train and proxy selections of each are written as
+``train_sp<f>.parquet`` / ``proxy_sp<f>.parquet`` (``train_speed`` / ``proxy_speed``: factor →
+file, with md5s), row for row beside ``train.parquet`` / ``proxy.parquet``. Dev is not perturbed.
 """
 
 from __future__ import annotations
@@ -114,8 +119,11 @@ def split_index(
     golden_hashes: set[str],
     golden_ids: set[str],
     out_dir: Path,
+    speed_indexes: dict[str, pa.Table] | None = None,
 ) -> dict[str, Any]:
-    """Write train/dev/proxy/long_form/golden_excluded parquets for ``index`` into ``out_dir``."""
+    """Write train/dev/proxy/long_form/golden_excluded parquets for ``index`` into ``out_dir``;
+    and ``train_sp<f>`` / ``proxy_sp<f>`` for each ``speed_indexes`` table (factor → index of the
+    same rows in the same order)."""
     ids = index.column("id").to_pylist()
     hashes = index.column("audio_hash").to_pylist()
     long_form = index.column("long_form").to_pylist()
@@ -160,6 +168,14 @@ def split_index(
         "hours_dev": round(float(np.sum(dev.column("duration_s").to_numpy())) / 3600.0, 6),
         "hours_proxy": round(float(np.sum(proxy_t.column("duration_s").to_numpy())) / 3600.0, 6),
     }
+    for f, sidx in sorted((speed_indexes or {}).items()):
+        if sidx.column("id").to_pylist() != ids:
+            raise ValueError(f"speed index {f} does not list featurize's rows in their order")
+        ssub = sidx.filter(pa.array(short))
+        for part, mask in (("train", is_train), ("proxy", pa.array(proxy))):
+            name = f"{part}_sp{f}.parquet"
+            out.setdefault(f"{part}_speed", {})[f] = name
+            out.setdefault(f"{part}_speed_md5", {})[f] = _write(ssub.filter(mask), out_dir / name)
     if out["n_train"] == 0 or out["n_dev"] == 0:
         log.warning("split: %d train / %d dev utterances", out["n_train"], out["n_dev"])
     return out
@@ -168,11 +184,15 @@ def split_index(
 def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> SplitResult:
     f = inputs["featurize"]
     g_hashes, g_ids, g_md5 = golden_keys(inputs)
-    key = step_key(STEP, cfg.split, {"featurize": f["index_md5"], "golden": g_md5}, CODE_VERSION)
+    key_inputs = {"featurize": f["index_md5"], "golden": g_md5}
+    if f.get("speed_indexes_md5"):  # (absent without speed copies: keys of such runs are unchanged)
+        key_inputs["speed"] = f["speed_indexes_md5"]
+    key = step_key(STEP, cfg.split, key_inputs, CODE_VERSION)
 
     def work(tmp: Path) -> dict[str, Any]:
         index = pq.read_table(resolve(f, f["index"]))
-        out = split_index(index, cfg, g_hashes, g_ids, tmp)
+        speed = {k: pq.read_table(resolve(f, v)) for k, v in (f.get("speed_indexes") or {}).items()}
+        out = split_index(index, cfg, g_hashes, g_ids, tmp, speed)
         out.update({"golden_md5": g_md5, "feature_hash": f.get("feature_hash"), "index_md5": f["index_md5"],
                     "snapshot_md5": f.get("snapshot_md5"), "dvc_tag": f.get("dvc_tag")})
         return out

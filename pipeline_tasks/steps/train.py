@@ -53,6 +53,8 @@ def train_key(cfg: AsrflowConfig, split: dict[str, Any], overrides: dict[str, An
             "dev_md5": split["dev_md5"],
             "overrides": overrides,
             "parent": None if parent is None else parent.identity(),
+            # the speed copies it trains on (only with train.augment.speed_perturb)
+            **({"train_speed_md5": split.get("train_speed_md5")} if cfg.train.augment.speed_perturb else {}),
         },
         CODE_VERSION,
     )
@@ -106,6 +108,7 @@ def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> TrainRes
                 checkpoint_dir=ckdir,
                 parent=parent,
                 meta={**snapshot, "train_key": key},
+                speed_indexes={f: resolve(split, v) for f, v in (split.get("train_speed") or {}).items()},
             )
         lineage = {**res["lineage"], **snapshot, "train_minutes": round(res["train_s"] / 60.0, 2)}
         return {

@@ -247,3 +247,56 @@ def test_replay_arguments_are_checked():
         DynamicBucketingSampler([1.0, 2.0], 10.0, 1, new_mask=[True, False], replay_share=1.0)
     with pytest.raises(ValueError, match="new_mask"):
         DynamicBucketingSampler([1.0, 2.0], 10.0, 1, new_mask=[True])
+
+
+@given(durations_st, st.floats(5.0, 60.0), st.integers(1, 6), st.integers(0, 4), st.integers(1, 3), st.data())
+@common
+def test_speed_variants_batch_by_the_chosen_copy_and_resume_exactly(durs, budget, nb, epoch, world, data):
+    """With (N, V) copy durations (plain, 0.9x, 1.1x speed), each epoch batches every utterance once
+    with the duration of the copy ``epoch_variants`` picks (a pure hash of seed, epoch, index: the
+    dataset loads that copy), keeps the budget in those durations, and resumes exactly."""
+    from model_code.augment import variant_choice
+
+    d = np.asarray(durs)
+    vd = np.stack([d, d / 0.9, d / 1.1], axis=1)  # (N, 3)
+    rank = data.draw(st.integers(0, world - 1))
+    kw = dict(seed=5, rank=rank, world_size=world, variant_durations=vd)
+    s = DynamicBucketingSampler(durs, budget, nb, **kw)
+    s.set_epoch(epoch)
+    v = s.epoch_variants(epoch)
+    np.testing.assert_array_equal(v, variant_choice(5, epoch, np.arange(len(durs)), 3))
+    chosen = vd[np.arange(len(durs)), v]
+    np.testing.assert_array_equal(s.epoch_durations(epoch), chosen)
+    full = list(s)
+    for b in full:
+        if len(b) > 1:
+            assert _cost(chosen, b) <= budget + 1e-9  # the budget holds for what is loaded
+    if world == 1:
+        assert sorted(i for b in full for i in b) == list(range(len(durs)))
+    assert max(s.bucket_max_durations()) == pytest.approx(float((d / 0.9).max()))  # the longest copy
+    k = data.draw(st.integers(0, len(full)))
+    r = DynamicBucketingSampler(durs, budget, nb, **kw)
+    r.set_epoch(epoch)
+    it = iter(r)
+    head = [next(it) for _ in range(k)]
+    fresh = DynamicBucketingSampler(durs, budget, nb, **kw)
+    fresh.load_state_dict(r.state_dict())
+    fresh.set_epoch(epoch)
+    assert head + list(fresh) == full
+
+
+def test_speed_variants_change_batches_between_epochs_and_report_the_longest_copy():
+    rng = np.random.default_rng(1)
+    d = rng.uniform(0.5, 8.0, 400)
+    vd = np.stack([d, d / 0.9, d / 1.1], axis=1)
+    s = DynamicBucketingSampler(d, 30.0, 6, seed=2, variant_durations=vd)
+    plain = DynamicBucketingSampler(d, 30.0, 6, seed=2)
+    assert s.boundaries.tolist() == plain.boundaries.tolist()  # buckets from the plain durations
+    assert s.bucket_max_durations() == pytest.approx([m / 0.9 for m in plain.bucket_max_durations()])
+    assert np.mean(s.epoch_variants(0) != s.epoch_variants(1)) > 0.5
+    s.set_epoch(0)
+    b0 = list(s)
+    assert b0 != [list(b) for b in plain]  # batches are filled by the chosen copies' durations
+    assert s.padding_share() < 0.1
+    with pytest.raises(ValueError, match="variant_durations"):
+        DynamicBucketingSampler(d, 30.0, 6, variant_durations=vd[:10])

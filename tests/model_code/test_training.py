@@ -202,3 +202,85 @@ def test_replay_trains_on_every_new_utterance_and_resumes_exactly(tmp_path):
         launch(b, world_size=1, launcher="inprocess", env={"ASRFLOW_TRAIN_FAULT": "after_step:3"}, poll_s=0.2)
     resumed = launch(b, world_size=1, launcher="inprocess", poll_s=0.2)
     assert resumed["resumed_from"] == 2 and resumed["params_sha256"] == full["params_sha256"]
+
+
+def _speed_copy(index_path, factor: float):
+    """A speed copy of a synthetic index, as featurize + split write one: the same utterances in
+    the same order, features stretched in time by 1/factor, durations / factor, its own shard."""
+    import pyarrow.parquet as pq
+
+    from model_code.dataset import FeatureTable, shard_table
+
+    t = pq.read_table(index_path)
+    table = FeatureTable(index_path)
+    feats = []
+    for i in range(len(table)):
+        f = table.features(i)
+        n = max(1, int(round(f.shape[0] / factor)))
+        feats.append(f[np.minimum((np.arange(n) * factor).astype(int), f.shape[0] - 1)])
+    ids, hashes = t.column("id").to_pylist(), t.column("audio_hash").to_pylist()
+    durs = [x / factor for x in t.column("duration_s").to_pylist()]
+    shard = index_path.with_name(f"{index_path.stem}_sp{factor:g}_shard.parquet")
+    pq.write_table(shard_table(ids, hashes, feats, table.texts(), durs, [None] * len(ids)), shard)
+    out = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array([str(shard)] * len(ids)))
+    out = out.set_column(out.schema.get_field_index("row"), "row", pa.array(range(len(ids)), pa.int64()))
+    out = out.set_column(out.schema.get_field_index("n_frames"), "n_frames", pa.array([f.shape[0] for f in feats], pa.int32()))
+    out = out.set_column(out.schema.get_field_index("duration_s"), "duration_s", pa.array(durs, pa.float64()))
+    path = index_path.with_name(f"{index_path.stem}_sp{factor:g}.parquet")
+    pq.write_table(out, path)
+    return path
+
+
+def test_batch_dataset_loads_the_chosen_speed_copy_and_augments_per_epoch_and_index(tmp_path):
+    from model_code.augment import FeatureAugment, variant_choice
+    from model_code.dataset import FeatureTable
+    from model_code.training import BatchDataset
+    from tests.model_code.train_helpers import write_synthetic_index
+
+    idx = write_synthetic_index(tmp_path, 12, seed=1, name="train")
+    tables = [FeatureTable(idx), FeatureTable(_speed_copy(idx, 0.9)), FeatureTable(_speed_copy(idx, 1.1))]
+    v = variant_choice(4, 1, np.arange(12), 3)
+    assert len(set(v.tolist())) == 3
+    durs = np.stack([t.durations() for t in tables], axis=1)[np.arange(12), v]
+    tok = [[1, 2]] * 12
+    aug = FeatureAugment(noise_prob=1.0, noise_snr_db=(10, 10), seed=4)
+    ds = BatchDataset(tables[0], tok, durs, [list(range(12))], tables=tables, variants=v, augment=aug, epoch=1)
+    b = ds[0]
+    n_frames = np.stack([t.n_frames() for t in tables], axis=1)[np.arange(12), v]
+    assert b["feat_lens"].tolist() == n_frames.tolist()  # each utterance from its copy
+    assert b["audio_s"] == pytest.approx(float(durs.sum()))
+    for j in range(12):
+        want = aug(tables[int(v[j])].features(j), 1, j)
+        np.testing.assert_array_equal(b["feats"][j, : n_frames[j]].numpy(), want)
+    np.testing.assert_array_equal(ds[0]["feats"].numpy(), b["feats"].numpy())  # no RNG state: same batch again
+    plain = BatchDataset(tables[0], tok, tables[0].durations(), [list(range(12))])[0]
+    assert plain["feat_lens"].tolist() == tables[0].n_frames().tolist()
+
+
+def test_speed_copies_and_feature_noise_train_and_resume_exactly(tmp_path):
+    """A run on three speed copies with noise and reverb: a SIGKILLed and restarted run ends with
+    the same weights as the uninterrupted one (copies and draws depend on seed, epoch, index only)."""
+    import signal
+
+    from model_code.ds_launch import launch
+    from tests.model_code.train_helpers import write_synthetic_index
+
+    data = tmp_path / "data"
+    idx = write_synthetic_index(data, 40, seed=1, name="train")
+    write_synthetic_index(data, 8, seed=2, name="dev")
+    variants = [str(_speed_copy(idx, 0.9)), str(_speed_copy(idx, 1.1))]
+    augment = {"noise_prob": 0.5, "noise_snr_db": [5.0, 20.0], "reverb_prob": 0.5, "reverb_t60_s": [0.2, 0.6]}
+    kw = dict(epochs=2, variant_indexes=variants, augment=augment, train_index=str(idx),
+              dev_index=str(data / "dev.parquet"), checkpoint_every_steps=2)
+    full = train(tiny_args(tmp_path / "a", checkpoint_dir=str(tmp_path / "a" / "ck"), **kw))
+    plain = train(tiny_args(tmp_path / "p", **{**kw, "variant_indexes": [], "augment": {}}))
+    assert full["params_sha256"] != plain["params_sha256"]  # the copies and the noise changed what it saw
+    b = tiny_args(tmp_path / "r", checkpoint_dir=str(tmp_path / "r" / "ck"), **kw)
+    with pytest.raises(RuntimeError, match=f"exited with -{int(signal.SIGKILL)}"):
+        launch(b, world_size=1, launcher="inprocess", env={"ASRFLOW_TRAIN_FAULT": "after_step:3"}, poll_s=0.2)
+    resumed = launch(b, world_size=1, launcher="inprocess", poll_s=0.2)
+    assert resumed["resumed_from"] == 2 and resumed["params_sha256"] == full["params_sha256"]
+    # a variant index that does not list the same utterances is refused
+    other = write_synthetic_index(data, 40, seed=9, name="other")
+    with pytest.raises(ValueError, match="does not list the utterances"):
+        train(tiny_args(tmp_path / "x", **{**kw, "variant_indexes": [str(other)]}))

@@ -135,3 +135,57 @@ def test_feature_hash_tracks_value_fields_only():
     assert feature_hash(base) == feature_hash(base.model_copy(update={"shard_size": 7, "jobs": 1}))
     assert feature_hash(base) != feature_hash(base.model_copy(update={"n_mels": 64}))
     assert feature_hash(base) != feature_hash(base.model_copy(update={"dtype": "float32"}))
+
+
+def test_speed_copies_are_cached_once_as_their_own_shards_and_stay_incremental(cfg, tmp_path):
+    """features.speed_factors: each factor's copy has its own cache folder (<hash>-sp0.9/...),
+    computed once, reused on rerun, and a new week computes only its new utterances in every
+    folder; the plain cache and index are the same as without speed copies."""
+    from model_code.audio import speed_perturb
+    from pipeline_tasks.config import with_overrides
+
+    cfg = with_overrides(cfg, {"features.jobs": 1})
+    scfg = with_overrides(cfg, {"features.speed_factors": [1.1, 1.0, 0.9]})
+    assert scfg.features.speed_factors == [0.9, 1.0, 1.1] and scfg.features.speed_variants == [0.9, 1.1]
+    rows = make_rows(_ws(cfg), [f"s{i:02d}" for i in range(10)])
+    v1 = write_validate_result(tmp_path / "v1", rows)
+    plain = featurize.run(cfg, {"validate": v1})
+    plain_shards = {p: p.stat().st_mtime_ns for p in (cfg.root / "feature_cache").rglob("shard-*.parquet")}
+
+    r1 = featurize.run(scfg, {"validate": v1})
+    assert r1["n_computed_by_speed"] == {"0.9": 10, "1": 0, "1.1": 10}  # the plain cache was already there
+    assert r1["feature_hash"] == plain["feature_hash"] and r1["index_md5"] == plain["index_md5"]
+    assert "speed_indexes" not in plain and r1["key"] != plain["key"]
+    fh = r1["feature_hash"]
+    for f in ("0.9", "1.1"):
+        assert len(list((cfg.root / "feature_cache" / f"{fh}-sp{f}").glob("shard-*.parquet"))) == 2
+    assert {p: p.stat().st_mtime_ns for p in plain_shards} == plain_shards
+    base = FeatureTable(resolve(r1, r1["index"]))
+    for f in (0.9, 1.1):
+        idx = pq.read_table(resolve(r1, r1["speed_indexes"][f"{f:g}"]))
+        assert idx.schema.equals(FEATURE_INDEX_SCHEMA, check_metadata=False)
+        assert idx.column("id").to_pylist() == base.ids()  # the same rows in the same order
+        assert {p.split("/")[-2] for p in idx.column("shard").to_pylist()} == {f"{fh}-sp{f:g}"}
+        np.testing.assert_allclose(idx.column("duration_s").to_numpy(), base.durations() / f)
+        table = FeatureTable(resolve(r1, r1["speed_indexes"][f"{f:g}"]))
+        np.testing.assert_allclose(table.n_frames(), base.n_frames() / f, atol=1.5)  # a 0.9 copy is longer
+        for i in (0, 7):
+            wave, _ = sf.read(_ws(cfg) / rows[i]["audio_path"], dtype="float32")
+            ref = logmel(speed_perturb(wave, 16000, f), **feature_kwargs(cfg.features))
+            np.testing.assert_allclose(table.features(i), ref, rtol=2e-3, atol=2e-3)
+
+    # a rerun computes nothing, in any folder
+    mtimes = {p: p.stat().st_mtime_ns for p in (cfg.root / "feature_cache").rglob("shard-*.parquet")}
+    assert featurize.plan(scfg, {"validate": v1}) == []
+    assert featurize.run(scfg, {"validate": v1}) == r1
+    forced = featurize.run(scfg, {"validate": v1}, force=True)
+    assert forced["n_computed"] == 0 and forced["speed_indexes_md5"] == r1["speed_indexes_md5"]
+
+    # a new week: only its 3 utterances are computed, at every speed; old shards are never rewritten
+    new_rows = make_rows(_ws(cfg), [f"t{i}" for i in range(3)], batch="week-002")
+    v2 = write_validate_result(tmp_path / "v2", rows + new_rows)
+    assert sorted(len(s["audio_hashes"]) for s in featurize.plan(scfg, {"validate": v2})) == [3, 3, 3]
+    r2 = featurize.run(scfg, {"validate": v2})
+    assert r2["n_computed_by_speed"] == {"0.9": 3, "1": 3, "1.1": 3} and r2["n_utts"] == 13
+    after = {p: p.stat().st_mtime_ns for p in (cfg.root / "feature_cache").rglob("shard-*.parquet")}
+    assert {p: after[p] for p in mtimes} == mtimes and len(after) == len(mtimes) + 3

@@ -158,6 +158,36 @@ def test_split_step_excludes_golden_and_long_form(scfg, tmp_path):
     )
 
 
+def test_split_writes_speed_copies_of_train_and_proxy_row_for_row(scfg, tmp_path):
+    """With speed copies from featurize, split writes train_sp<f> / proxy_sp<f>: the rows of train /
+    proxy in the same order, pointing into the copies' caches; without them nothing changes."""
+    from pipeline_tasks.config import with_overrides
+
+    g = golden.run(scfg, {})
+    rows = make_rows(Path(scfg.paths.data_workspace), [f"u{i:02d}" for i in range(20)], long_form_ids={"u03"})
+    v = write_validate_result(tmp_path / "v", rows)
+    plain = split.run(scfg, {"featurize": featurize.run(scfg, {"validate": v}), "golden": g})
+    assert "train_speed" not in plain and "proxy_speed" not in plain
+    sp = with_overrides(scfg, {"features.speed_factors": [0.9, 1.0, 1.1]})
+    f = featurize.run(sp, {"validate": v})
+    r = split.run(sp, {"featurize": f, "golden": g})
+    assert r["key"] != plain["key"]  # the copies are inputs of the split
+    assert (r["train_md5"], r["dev_md5"], r["proxy_md5"]) == (plain["train_md5"], plain["dev_md5"], plain["proxy_md5"])
+    assert r["train_speed"] == {"0.9": "train_sp0.9.parquet", "1.1": "train_sp1.1.parquet"}
+    assert r["proxy_speed"] == {"0.9": "proxy_sp0.9.parquet", "1.1": "proxy_sp1.1.parquet"}
+    for part in ("train", "proxy"):
+        base = pq.read_table(resolve(r, r[part]))
+        for fac, name in r[f"{part}_speed"].items():
+            t = pq.read_table(resolve(r, name))
+            assert t.schema.equals(FEATURE_INDEX_SCHEMA, check_metadata=False)
+            assert t.column("id").to_pylist() == base.column("id").to_pylist()
+            assert {p.split("/")[-2] for p in t.column("shard").to_pylist()} == {f"{f['feature_hash']}-sp{fac}"}
+            assert t.column("duration_s").to_pylist() == pytest.approx(
+                [d / float(fac) for d in base.column("duration_s").to_pylist()]
+            )
+    assert "u03" not in pq.read_table(resolve(r, r["train_speed"]["0.9"])).column("id").to_pylist()  # long-form
+
+
 # the real chain on the shared tiny fixtures: corpus -> ingest -> validate -> featurize -> split, and golden
 def test_featurize_split_golden_on_the_tiny_fixtures(tiny_cfg):
     res = run_until("split", tiny_cfg)

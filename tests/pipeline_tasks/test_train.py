@@ -115,3 +115,39 @@ def test_fit_logs_into_a_nested_run_and_lets_pruning_propagate(tiny_cfg, tmp_pat
     )
     assert len(child) == 1 and child[0].info.status == "KILLED"
     assert child[0].data.metrics["epoch/dev_cer"] == pytest.approx(seen[0][1])
+
+
+def test_fit_trains_on_the_speed_copies_with_feature_noise_and_reverb(tmp_path):
+    """train.augment reaches the training loop: with speed_perturb, split's train_sp<f> indexes are
+    the variant indexes (ascending factor), noise / reverb go to FeatureAugment; a one-epoch fit runs."""
+    from pathlib import Path
+
+    from pipeline_tasks.config import load_config
+    from pipeline_tasks.services.fitting import make_tokenizer, train_args
+    from pipeline_tasks.steps import featurize, golden, split
+    from tests.pipeline_tasks.featurize_helpers import make_rows, write_golden_dir, write_validate_result
+
+    write_golden_dir(tmp_path / "gsrc", ["gold-a", "gold-b"], sr=16000, channels=1)
+    cfg = load_config("tiny", [
+        f"paths.root={tmp_path / 'art'}", f"paths.golden_dir={tmp_path / 'gsrc'}", "features.jobs=1",
+        "features.speed_factors=[0.9, 1.0, 1.1]", "split.dev_share=0.2", "train.epochs=1",
+        "train.augment.speed_perturb=true", "train.augment.noise_prob=0.5", "train.augment.reverb_prob=0.5",
+        "train.build_lm=false",
+    ])
+    rows = make_rows(Path(cfg.paths.data_workspace), [f"u{i:02d}" for i in range(16)])
+    f = featurize.run(cfg, {"validate": write_validate_result(tmp_path / "v", rows)})
+    s = split.run(cfg, {"featurize": f, "golden": golden.run(cfg, {})})
+    speed = {k: resolve(s, v) for k, v in s["train_speed"].items()}
+    tok = make_tokenizer(cfg, ["a b"])
+    a = train_args(cfg, resolve(s, s["train"]), None, tmp_path / "o", tok, speed_indexes=dict(reversed(speed.items())))
+    assert a.variant_indexes == [str(speed["0.9"]), str(speed["1.1"])]
+    assert a.augment == {"noise_prob": 0.5, "noise_snr_db": [5.0, 30.0], "reverb_prob": 0.5, "reverb_t60_s": [0.2, 0.8]}
+    with pytest.raises(ValueError, match="no speed-perturbed indexes"):
+        train_args(cfg, resolve(s, s["train"]), None, tmp_path / "o", tok)
+    off = with_overrides(cfg, {"train.augment.speed_perturb": False})
+    assert train_args(off, resolve(s, s["train"]), None, tmp_path / "o", tok, speed_indexes=speed).variant_indexes == []
+    # the train step's key follows the copies it trains on
+    assert train_step.train_key(cfg, s, {}) != train_step.train_key(cfg, {**s, "train_speed_md5": {"0.9": "x"}}, {})
+    assert train_step.train_key(off, s, {}) == train_step.train_key(off, {**s, "train_speed_md5": {"0.9": "x"}}, {})
+    res = train_step.fit(cfg, resolve(s, s["train"]), resolve(s, s["dev"]), tmp_path / "fit", speed_indexes=speed)
+    assert res["epochs"] == 1 and res["steps"] > 0 and Path(res["model_dir"]).is_dir()

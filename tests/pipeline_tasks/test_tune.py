@@ -74,6 +74,25 @@ def ranked_trial(trial_cfg, ctx, on_epoch_end):
     return {"dev_wer": value, "dev_cer": value / 2, "dev_loss": 3 * value}
 
 
+def speed_trial(trial_cfg, ctx, on_epoch_end):
+    """``quick_trial`` that checks what a trial gets for speed perturbation: the speed copies of its
+    proxy subset, row for row, and the sampled ``train.augment`` values in its config."""
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(ctx.proxy_index).column("id").to_pylist()
+    assert sorted(ctx.proxy_speed) == ["0.9", "1.1"]
+    for f, path in ctx.proxy_speed.items():
+        t = pq.read_table(path)
+        assert t.column("id").to_pylist() == ids and t.column("speed").to_pylist() == [f] * len(ids)
+    with open(os.environ["TUNE_TEST_SPEED_LOG"], "a") as log:
+        a = trial_cfg.train.augment
+        log.write(json.dumps([len(ids), a.speed_perturb, a.noise_prob, a.reverb_prob]) + "\n")
+    wer = 0.3 + 0.2 * a.noise_prob + 0.1 * a.reverb_prob - 0.05 * a.speed_perturb
+    for epoch in range(1, ctx.epochs + 1):
+        on_epoch_end(epoch, {"dev_wer": wer, "dev_cer": wer / 2, "dev_loss": 3 * wer, "loss": wer})
+    return {"dev_wer": wer, "dev_cer": wer / 2}
+
+
 def hang_trial(trial_cfg, ctx, on_epoch_end):
     """A trial that never ends by itself: the test kills its worker mid-trial."""
     Path(os.environ["TUNE_TEST_MARKER"]).write_text(str(ctx.trial_number))
@@ -332,6 +351,39 @@ def test_conditional_params_and_derived_overrides(tmp_path):
                 ],
             )
         )
+
+
+def test_trials_sample_augmentation_and_get_the_speed_copies_of_their_proxy_subset(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline_tasks.contract import file_md5
+
+    space = {
+        "train.augment.speed_perturb": {"type": "categorical", "choices": [False, True]},
+        "train.augment.noise_prob": {"type": "float", "low": 0.0, "high": 0.5},
+        "train.augment.reverb_prob": {"type": "float", "low": 0.0, "high": 0.5},
+    }
+    extra = [f"tune.space={json.dumps(space)}", "tune.n_trials=4", "tune.n_workers=1", "tune.proxy_fraction=0.5"]
+    with pytest.raises(ValueError, match="speed_factors"):  # speed_perturb needs the cached copies
+        tune.validate_space(make_cfg(tmp_path / "none", extra))
+    cfg = make_cfg(tmp_path, [*extra, "features.speed_factors=[0.9, 1.0, 1.1]"])
+    inputs = fake_split(tmp_path)
+    out = Path(inputs["split"]["output_dir"])
+    ids = [f"u{i:02d}" for i in range(10)]
+    pq.write_table(pa.table({"id": ids, "speed": ["1"] * 10}), out / "proxy.parquet")
+    inputs["split"]["proxy_md5"] = file_md5(out / "proxy.parquet")
+    for f in ("0.9", "1.1"):
+        pq.write_table(pa.table({"id": ids, "speed": [f] * 10}), out / f"proxy_sp{f}.parquet")
+        inputs["split"].setdefault("proxy_speed", {})[f] = f"proxy_sp{f}.parquet"
+        inputs["split"].setdefault("proxy_speed_md5", {})[f] = file_md5(out / f"proxy_sp{f}.parquet")
+    monkeypatch.setenv("TUNE_TEST_SPEED_LOG", str(tmp_path / "speed.jsonl"))
+    res = tune.run(cfg, inputs, trial_fn="tests.pipeline_tasks.test_tune:speed_trial")
+    logged = [json.loads(x) for x in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    assert len(logged) == 4 and all(n == 5 for n, *_ in logged)  # the proxy subset, in every copy
+    assert all(0.0 <= nz <= 0.5 and 0.0 <= rv <= 0.5 for _, _, nz, rv in logged)
+    assert set(res["best_overrides"]) == set(space)  # what train applies
+    with_overrides(cfg, res["best_overrides"])  # and it validates
 
 
 def test_param_budget_rejects_big_models(tmp_path):

@@ -45,6 +45,8 @@ class TrialContext:
     latency_max_utts: int
     trial_number: int
     parent: dict[str, Any] | None = None  # services.parent.Parent.record(): warm-started trials
+    # factor -> the speed copy of proxy_index (same rows), for trials with train.augment.speed_perturb
+    proxy_speed: dict[str, Path] | None = None
 
 
 class _SurplusTrial(Exception):
@@ -52,15 +54,19 @@ class _SurplusTrial(Exception):
 
 
 def proxy_subset(
-    cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]], fraction: float | None = None
+    cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]], fraction: float | None = None, speed: str | None = None
 ) -> Path:
     """The proxy index at ``tune.proxy_fraction``: a deterministic, hash-ordered row sample.
 
     Written once per (proxy md5, fraction) under ``<root>/tune/_work/`` (atomic rename), so
-    every worker and every rerun trains on the same rows.
+    every worker and every rerun trains on the same rows. ``speed`` (a factor of split's
+    ``proxy_speed``, e.g. ``"0.9"``): the same rows of that speed copy.
     """
     split = inputs["split"]
-    src = resolve(split, split["proxy"])
+    if speed is None:
+        src, md5 = resolve(split, split["proxy"]), split["proxy_md5"]
+    else:
+        src, md5 = resolve(split, split["proxy_speed"][speed]), split["proxy_speed_md5"][speed]
     frac = cfg.tune.proxy_fraction if fraction is None else fraction
     if frac >= 1.0:
         return src
@@ -68,7 +74,7 @@ def proxy_subset(
 
     import pyarrow.parquet as pq
 
-    out = cfg.root / STEP / "_work" / f"proxy-{split['proxy_md5'][:16]}-{frac:.4f}.parquet"
+    out = cfg.root / STEP / "_work" / f"proxy-{md5[:16]}-{frac:.4f}.parquet"
     if out.exists():
         return out
     table = pq.read_table(src)
@@ -81,6 +87,14 @@ def proxy_subset(
     pq.write_table(sub, tmp)
     os.replace(tmp, out)
     return out
+
+
+def proxy_speed_subsets(
+    cfg: AsrflowConfig, inputs: dict[str, dict[str, Any]], fraction: float | None = None
+) -> dict[str, Path] | None:
+    """factor → :func:`proxy_subset` of each speed copy split wrote (None when it wrote none)."""
+    factors = inputs["split"].get("proxy_speed") or {}
+    return {f: proxy_subset(cfg, inputs, fraction, speed=f) for f in factors} or None
 
 
 def measure_latency_ms_per_s(model_dir: Path, dev_index: Path, max_utts: int) -> float:
@@ -138,6 +152,7 @@ def fit_trial(trial_cfg: AsrflowConfig, ctx: TrialContext, on_epoch_end) -> dict
         max_minutes=trial_cfg.tune.trial_max_minutes,
         mlflow_tags={"asrflow.tune_trial": str(ctx.trial_number)},
         parent=Parent.from_record(ctx.parent) if ctx.parent else None,
+        speed_indexes=ctx.proxy_speed,
     )
     out = {"dev_wer": float(res["dev_wer"]), "dev_cer": res.get("dev_cer"), "dev_loss": res.get("dev_loss")}
     if ctx.multi_objective:
@@ -211,6 +226,7 @@ class TrialRunner:
             latency_max_utts=self.t.latency_max_utts,
             trial_number=trial.number,
             parent=self.inputs.get("parent"),
+            proxy_speed=proxy_speed_subsets(self.cfg, self.inputs),
         )
         shutil.rmtree(ctx.out_dir, ignore_errors=True)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,13 @@ from pipeline_tasks.contract import (
     resolve,
 )
 from pipeline_tasks.services.tracking import mlflow_call
-from pipeline_tasks.steps.tune.objective import TrialContext, TrialFn, _trial_cfg, proxy_subset
+from pipeline_tasks.steps.tune.objective import (
+    TrialContext,
+    TrialFn,
+    _trial_cfg,
+    proxy_speed_subsets,
+    proxy_subset,
+)
 from pipeline_tasks.steps.tune.study import STEP
 
 log = logging.getLogger(__name__)
@@ -124,6 +130,7 @@ def _fidelity_check(
             latency_max_utts=t.latency_max_utts,
             trial_number=x.number,
             parent=inputs.get("parent"),
+            proxy_speed=proxy_speed_subsets(cfg, inputs, fraction=1.0),
         )
         shutil.rmtree(ctx.out_dir, ignore_errors=True)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)

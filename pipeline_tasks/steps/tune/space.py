@@ -42,6 +42,11 @@ def validate_space(cfg: AsrflowConfig) -> None:
                 except KeyError as e:
                     raise ValueError(f"tune.space: condition of {name!r} names unknown key {dep!r}") from e
     _sampling_order(cfg.tune.space)  # raises on cyclic conditions
+    if "train.augment.speed_perturb" in cfg.tune.space and not cfg.features.speed_variants:
+        raise ValueError(
+            "tune.space: train.augment.speed_perturb needs speed-perturbed features: set "
+            "features.speed_factors (e.g. [0.9, 1.0, 1.1])"
+        )
 
 
 def _sampling_order(space: dict[str, SearchParam]) -> list[str]:
