@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
@@ -202,6 +203,8 @@ def compute_shard(shard: dict[str, Any]) -> dict[str, Any]:
     m = pq.read_table(
         shard["manifest"], columns=["audio_hash", "audio_path", "id", "text", "duration_s", "speaker"]
     )
+    # only this shard's rows become Python objects (the cumulative manifest grows every week)
+    m = m.filter(pc.is_in(m.column("audio_hash"), value_set=pa.array(hashes, pa.string())))
     first: dict[str, int] = {}
     for i, h in enumerate(m.column("audio_hash").to_pylist()):
         first.setdefault(h, i)
