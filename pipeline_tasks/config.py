@@ -350,6 +350,10 @@ class TuneConfig(_Section):
     # auto: dev WER when the trials warm-start from a parent model (their WER is a real signal),
     # dev loss when they start from scratch
     metric: Literal["dev_wer", "dev_cer", "dev_loss", "auto"] = "dev_wer"
+    # a trial whose final greedy dev CER is at least this never left the CTC plateau (it decodes to
+    # blanks); when no complete trial left it, their dev-loss ranking is noise (measured: 2.960 vs
+    # 2.971, all at CER 1.0) and training uses the profile's config instead of an arbitrary draw
+    plateau_cer: float = Field(0.95, gt=0, le=1.0)
     heartbeat_interval_s: int = 20
     grace_period_s: int = 60
     fidelity_check_top_k: int = 0  # 0 disables the proxy-vs-higher-fidelity rank correlation

@@ -47,6 +47,15 @@ def flat_trial(trial_cfg, ctx, on_epoch_end):
     return {"dev_wer": 1.0, "dev_cer": cer, "dev_loss": 2 * cer}
 
 
+def plateau_trial(trial_cfg, ctx, on_epoch_end):
+    """From-scratch trials still on the CTC plateau: all decode to blanks (CER 1.0), while their dev
+    losses differ a little (what a fresh week-1 study on the local profile measured)."""
+    loss = 2.96 + 0.01 * abs(math.log10(trial_cfg.train.lr) - math.log10(0.002))
+    for epoch in range(1, ctx.epochs + 1):
+        on_epoch_end(epoch, {"dev_wer": 1.0, "dev_cer": 1.0, "dev_loss": loss, "loss": 1.0})
+    return {"dev_wer": 1.0, "dev_cer": 1.0, "dev_loss": loss}
+
+
 def barrier_trial(trial_cfg, ctx, on_epoch_end):
     """``quick_trial``, but the first trial of each worker process waits until
     ``TUNE_TEST_BARRIER_N`` worker processes have started a trial (a file per process in
@@ -455,6 +464,17 @@ def test_tied_trials_fall_back_to_the_profile_config_and_cer_breaks_the_tie(tmp_
     trials = json.loads((Path(res_c["output_dir"]) / "trials.json").read_text())
     values = [t["values"][0] for t in trials if t["state"] == "COMPLETE"]
     assert res_c["best_value"] == min(values) < 1.0
+
+
+def test_trials_that_never_left_the_ctc_plateau_fall_back_to_the_profile_config(tmp_path):
+    cfg = make_cfg(tmp_path, ["tune.n_trials=4", "tune.n_workers=1", "tune.pruner=none", "tune.metric=dev_loss"])
+    res = tune.run(cfg, fake_split(tmp_path), trial_fn="tests.pipeline_tasks.test_tune:plateau_trial")
+    assert res["best_overrides"] == {} and "plateau" in res["no_signal"]
+    # the same losses with one trial that decodes something: a real ranking
+    cfg2 = make_cfg(tmp_path / "b", ["tune.n_trials=4", "tune.n_workers=1", "tune.pruner=none",
+                                     "tune.metric=dev_loss", "tune.plateau_cer=1.0"])
+    res2 = tune.run(cfg2, fake_split(tmp_path / "b"), trial_fn="tests.pipeline_tasks.test_tune:flat_trial")
+    assert res2["no_signal"] is None and res2["best_overrides"]
 
 
 def test_multi_objective_pareto_front(tmp_path):

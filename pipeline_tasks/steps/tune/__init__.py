@@ -341,6 +341,15 @@ def _finalize_work(
         )
         log.warning("tune: %s", no_signal)
         overrides = {}
+    cers = [x.user_attrs.get("dev_cer") for x in complete]
+    if no_signal is None and len(distinct) > 1 and cers and all(c is not None and c >= cfg.tune.plateau_cer for c in cers):
+        # every trial still decodes to (nearly) nothing: its loss differences are noise, not a ranking
+        no_signal = (
+            f"no complete trial left the CTC plateau (dev CER {min(cers):.3f}..{max(cers):.3f} >= "
+            f"tune.plateau_cer {cfg.tune.plateau_cer}): training uses the profile's config"
+        )
+        log.warning("tune: %s", no_signal)
+        overrides = {}
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     workers = sorted({int(x.user_attrs["worker"]) for x in finished if "worker" in x.user_attrs})
     best_cfg = {

@@ -351,6 +351,8 @@ class TrialRunner:
         t = self.t
         score = _objective_value(res, t.metric)
         trial.set_user_attr("epochs_done", len(scores) or t.epochs)
+        if res.get("dev_cer") is not None:  # finalize: did any trial leave the CTC plateau?
+            trial.set_user_attr("dev_cer", float(res["dev_cer"]))
         value: Any = score
         m = {f"final_{t.metric}": score, "pruned": 0.0}
         if t.multi_objective:
