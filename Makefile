@@ -65,8 +65,8 @@ clean-artifacts:
 
 # Distributed mode on loopback: Postgres + Redis + MLflow server + Airflow (CeleryExecutor, workers on
 # queues default and gpu), state in $(ASRFLOW_DIST_DIR) (default .local/distributed/). See README.md, "Production path".
-distributed-local: setup
-	$(BIN)/python -m devstack.distributed_stack up
+distributed-local: setup  # DIST_ARGS="--gpu-workers 2": two GPU workers for a week with train.nnodes=2
+	$(BIN)/python -m devstack.distributed_stack up $(DIST_ARGS)
 
 distributed-stop:
 	$(BIN)/python -m devstack.distributed_stack down

@@ -69,7 +69,7 @@ def task_settings() -> dict[str, Any]:
 
 
 # tasks that may legitimately run for days on a big corpus: airflow.long_execution_timeout_s
-LONG_TASKS = frozenset({"train", "tune_worker"})
+LONG_TASKS = frozenset({"train", "train_node", "tune_worker"})
 
 
 def task_timeout(task_id: str | None = None) -> timedelta:

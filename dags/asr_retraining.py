@@ -16,7 +16,7 @@ moves the MLflow alias **`staging`** to it only if the gate passes.
 | `golden` | the fixed golden set (features), independent of the week's data |
 | `split` | train / dev / proxy split (golden utterances excluded) |
 | `tune_prepare` → `tune_worker` (mapped) → `tune_finalize` | Optuna study on the proxy set; workers share one study; finalize picks the best config |
-| `train` | DeepSpeed training, warm-started from the current model with replay of older weeks (pool `gpu_pool`) |
+| `train_plan` → `train_node` (mapped) → `train` | DeepSpeed training, warm-started from the current model with replay of older weeks (pool `gpu_pool`). One node (`train.nnodes: 1`): no `train_node`, `train` trains. N nodes: one `train_node` per node (gpu queue, pool) meeting in torchrun's c10d rendezvous, then `train` gathers rank 0's result |
 | `export` | ONNX export + onnxruntime parity check (+ int8); picks the file that serves |
 | `evaluate` | golden-set WER/CER per slice of that exact file, vs the champion (production, else staging), CI → gate decision |
 | `promote_gate` | short-circuit: skips `promote` (reason logged and in XCom `skip_reason`) when the gate failed or **promote** is off |
@@ -151,16 +151,49 @@ def asr_retraining():
         results = [worker_results[i] for i in range(len(worker_results))] if worker_results else []
         return tune.finalize(run_config(), {"split": split_res}, results, force=force_flag())
 
+    @task(task_id="train_plan", multiple_outputs=False, **retry_kwargs(task="train_plan"))
+    def train_plan(split_res: dict, tune_res: dict) -> list[dict]:
+        """The nodes of a multi-node training (`train.nnodes` > 1); none for one node: `train` trains."""
+        from pipeline_tasks.steps import train as train_step
+
+        nodes = train_step.plan(run_config(), {"split": split_res, "tune": tune_res}, force=force_flag())
+        print(f"train: {len(nodes) or 'no'} mapped train_node task(s)")
+        return nodes
+
+    @task(
+        task_id="train_node",
+        multiple_outputs=False,
+        pool=_S["gpu_pool"],
+        pool_slots=_S["gpu_pool_slots"],
+        queue=_S["train_queue"],
+        **retry_kwargs(1, task="train_node"),
+    )
+    def train_node(node: dict, split_res: dict, tune_res: dict) -> dict:
+        """One node of a multi-node training: torchrun with the c10d rendezvous node 0 publishes."""
+        from pipeline_tasks.config import redact_secrets
+        from pipeline_tasks.steps import train as train_step
+
+        inputs = {"split": split_res, "tune": tune_res}
+        return redact_secrets(train_step.run_node(run_config(), inputs, node, force=force_flag()))
+
     @task(
         task_id="train",
         multiple_outputs=False,
         pool=_S["gpu_pool"],
         pool_slots=_S["gpu_pool_slots"],
         queue=_S["train_queue"],
+        trigger_rule=TriggerRule.NONE_FAILED,  # runs when train_node was skipped (one node)
         **retry_kwargs(1, task="train"),
     )
-    def train(split_res: dict, tune_res: dict) -> dict:
-        return run_step("train", {"split": split_res, "tune": tune_res})
+    def train(split_res: dict, tune_res: dict, node_results) -> dict:
+        nodes = [node_results[i] for i in range(len(node_results))] if node_results else []
+        if not nodes:  # one node: train here, exactly as a single task always did
+            return run_step("train", {"split": split_res, "tune": tune_res})
+        from pipeline_tasks.config import redact_secrets
+        from pipeline_tasks.steps import train as train_step
+
+        inputs = {"split": split_res, "tune": tune_res}
+        return redact_secrets(train_step.finalize_nodes(run_config(), inputs, nodes, force=force_flag()))
 
     @task(task_id="export", multiple_outputs=False, outlets=[CANDIDATE_MODEL])
     def export(train_res: dict, golden_res: dict) -> dict:
@@ -198,7 +231,9 @@ def asr_retraining():
     prep = tune_prepare(spl)
     worker_results = tune_worker.partial(split_res=spl).expand(worker_index=prep)
     tuned = tune_finalize(spl, worker_results)
-    trained = train(spl, tuned)
+    nodes = train_plan(spl, tuned)
+    node_results = train_node.partial(split_res=spl, tune_res=tuned).expand(node=nodes)
+    trained = train(spl, tuned, node_results)
     ex = export(trained, gold)
     ev = evaluate(trained, gold, ex)
     gate = promote_gate(ev)

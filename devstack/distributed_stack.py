@@ -608,6 +608,9 @@ class Stack:
                 **self.port_env(),
             },
         )
+        # every Airflow process (task runners included) imports the code of this checkout, also
+        # when the venv's editable install points at another one
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         self.admin_password = admin_password(cfg)
         self.admin_user = ADMIN_USER
         self.airflow_env = env
@@ -640,7 +643,7 @@ class Stack:
         self._airflow_cli(["db", "migrate"])
         stamp.write_text(want)
 
-    def start_airflow(self, default_workers: int = 1) -> None:
+    def start_airflow(self, default_workers: int = 1, gpu_workers: int = 1) -> None:
         af = _bin("airflow")
         env = self.airflow_env
         self.spawn(
@@ -650,7 +653,8 @@ class Stack:
         self.spawn("dag-processor", [af, "dag-processor"], env=env)
         for i in range(1, default_workers + 1):
             self.start_worker(f"default-{i}", "default")
-        self.start_worker("gpu-1", "gpu")
+        for i in range(1, gpu_workers + 1):  # > 1: a multi-node training (train.nnodes) has a worker per node
+            self.start_worker(f"gpu-{i}", "gpu")
 
     def start_worker(self, name: str, queues: str, concurrency: int = 1) -> Proc:
         """A Celery worker on ``queues``; task instances it runs report ``hostname == name``."""
@@ -702,11 +706,12 @@ class Stack:
         r = requests.request(method, f"{self.api_url}/api/v2{path}", headers=headers, timeout=30, **kw)
         return r
 
-    def ensure_pool(self, cfg) -> None:
+    def ensure_pool(self, cfg, slots: int | None = None) -> None:
+        """Create (or resize) the GPU pool: ``slots`` or the profile's ``airflow.gpu_pool_size``."""
         tok = self.token()
         body = {
             "name": cfg.airflow.gpu_pool,
-            "slots": cfg.airflow.gpu_pool_size,
+            "slots": int(slots or cfg.airflow.gpu_pool_size),
             "description": "GPU slots for DeepSpeed training (asrflow train)",
             "include_deferred": False,
         }
@@ -800,6 +805,7 @@ def start(
     dir: str | os.PathLike[str] | None = None,
     ports: dict[str, int] | None = None,
     default_workers: int = 1,
+    gpu_workers: int = 1,
     schedule: bool = False,
     log=print,
 ) -> Stack:
@@ -832,11 +838,13 @@ def start(
         st.make_airflow_env()
         st.migrate_airflow()
         log(f"  airflow    metadata DB migrated  ({time.monotonic() - t0:.0f}s)")
-        st.start_airflow(default_workers=default_workers)
+        st.start_airflow(default_workers=default_workers, gpu_workers=gpu_workers)
         st.wait_mlflow()
         log(f"  mlflow     {st.mlflow_url}  ({time.monotonic() - t0:.0f}s)")
         st.wait_api()
-        st.ensure_pool(st.config())
+        cfg = st.config()
+        # one train_node task per GPU worker may hold its slots at once (train.nnodes up to gpu_workers)
+        st.ensure_pool(cfg, max(cfg.airflow.gpu_pool_size, gpu_workers * cfg.train.gpu_pool_slots))
         log(f"  api-server {st.api_url}  pool {st.config().airflow.gpu_pool}  ({time.monotonic() - t0:.0f}s)")
         workers = st.wait_workers()
         log(f"  workers    {', '.join(sorted(workers))}  ({time.monotonic() - t0:.0f}s)")
@@ -915,6 +923,10 @@ def main(argv: list[str] | None = None) -> int:
             f"--{k}-port", type=int, default=None, help=f"default ${PORT_ENV[k]} or {DEFAULT_PORTS[k]}"
         )
     ap.add_argument("--default-workers", type=int, default=1, help="Celery workers on the default queue")
+    ap.add_argument(
+        "--gpu-workers", type=int, default=1,
+        help="Celery workers on the gpu queue (2: a week with train.nnodes=2 trains on two of them)",
+    )  # fmt: skip
     ap.add_argument("--schedule", action="store_true", help="let the scheduler create the weekly runs too")
     args = ap.parse_args(argv)
     if args.action == "down":
@@ -931,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dir,
         ports,
         default_workers=args.default_workers,
+        gpu_workers=args.gpu_workers,
         schedule=args.schedule,
         log=lambda m: print(m, flush=True),
     )

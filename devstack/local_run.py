@@ -250,6 +250,7 @@ def summary(
     why_skipped = {
         "featurize_shard": "no new utterances to featurize",
         "tune_worker": "tuning disabled (tune.enabled=false)",
+        "train_node": "one node (train.nnodes=1): train trains itself",
         "promote": skip_reason or gate.get("reason", ""),
     }
     for ti in tis:

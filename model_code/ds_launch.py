@@ -46,6 +46,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RANKS_DIR = ".ranks"
 RANKS_LOCK = ".ranks.lock"
+RANKS_DIR_ENV = "ASRFLOW_RANKS_DIR"  # where a rank registers (set by launch; default: the checkpoint folder)
+NODE_ENV = "ASRFLOW_NODE_INDEX"  # the node (mapped train_node task) a rank runs on (multi-node launches)
 _PR_SET_PDEATHSIG = 1
 _guard_fd: int | None = None  # the shared flock a rank holds for its whole life
 
@@ -201,6 +203,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# torchrun's c10d handler caches the first round's bootstrap store address (TCPStore sharing):
+# after an elastic restart, a replacement node waits for a MASTER_ADDR the survivors never write
+# again in the new round's store and the re-rendezvous hangs (torch 2.11). Without sharing, rank 0
+# of every round publishes it afresh.
+NODE_LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def node_command(
+    args_path: Path | None, nproc_per_node: int, node: dict[str, Any], entry: list[str] | None = None
+) -> list[str]:
+    """torchrun for one node of a multi-node training: c10d rendezvous at ``node["endpoint"]``.
+
+    ``node``: ``nnodes``, ``node_rank``, ``endpoint`` (``host:port``), ``rdzv_id``, ``is_host``
+    (node 0 hosts the c10d store), ``join_timeout_s`` (a node that never comes fails the
+    rendezvous after this) and ``max_restarts`` (elastic: after a node died, the survivors
+    restart their ranks and wait for it, or its replacement, in a new rendezvous round; the
+    ranks resume from the last checkpoint). ``--node-rank`` only names the node in the logs:
+    c10d assigns the ranks, so rank 0 may run on any node (it writes to the shared ``out_dir``).
+    ``entry``: what each rank runs (default ``-m model_code.ds_launch --args <args_path>``).
+    """
+    n = int(node["nnodes"])
+    conf = f"is_host={'true' if node.get('is_host') else 'false'},join_timeout={int(node.get('join_timeout_s', 600))}"
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", f"{n}:{n}", "--nproc-per-node", str(nproc_per_node), "--node-rank", str(int(node["node_rank"])),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", str(node["endpoint"]), "--rdzv-id", str(node["rdzv_id"]),
+        "--rdzv-conf", conf, "--max-restarts", str(int(node.get("max_restarts", 0))), "--monitor-interval", "1",
+        *(entry or ["-m", "model_code.ds_launch", "--args", str(args_path)]),
+    ]  # fmt: skip
+
+
 def launch_command(args_path: Path, world_size: int, launcher: str, master_port: int) -> list[str]:
     """The command line that starts ``world_size`` ranks of :mod:`model_code.ds_launch`."""
     if launcher == "torchrun":
@@ -228,6 +261,10 @@ def launch(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     poll_s: float = 1.0,
     env: dict[str, str] | None = None,
+    node: dict[str, Any] | None = None,
+    ranks_dir: str | os.PathLike[str] | None = None,
+    before_start: Callable[[], None] | None = None,
+    result_wait_s: float = 120.0,
 ) -> dict[str, Any]:
     """Run ``args`` (a ``TrainArgs``) on ``world_size`` local processes; wait; return rank 0's result.
 
@@ -236,25 +273,45 @@ def launch(
     tail) if the launcher exits non-zero or rank 0 wrote no result. The launcher runs in its own
     process group; if this call is interrupted, the group and every rank are stopped (see the
     module docstring), and ranks of an earlier attempt are stopped before it starts.
+
+    Multi-node (``node``, see :func:`node_command`): this call starts this node's ``world_size``
+    ranks with torchrun's c10d rendezvous; ``out_dir`` must be on storage every node shares
+    (rank 0, wherever c10d puts it, writes ``result.json`` and the model there). Node 0 writes
+    the arguments file and clears the old result (``before_start`` runs after that, before
+    torchrun starts: node 0 publishes the rendezvous there); the other nodes only read the
+    arguments file node 0 wrote, log to ``launch-node<i>.log`` and return
+    ``{"node_rank", "returncode"}``. ``ranks_dir`` (default: the checkpoint folder) is where
+    this launch registers its ranks (one per node, so nodes on one host do not kill each other's).
     """
     out_dir = Path(args.out_dir)
-    ranks_dir = Path(args.checkpoint_dir or args.out_dir)
+    ranks_dir = Path(ranks_dir or args.checkpoint_dir or args.out_dir)
     claim_ranks_dir(ranks_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     args_path = out_dir / "train_args.json"
-    args_path.write_text(args.to_json())
     result_path = out_dir / "result.json"
-    result_path.unlink(missing_ok=True)
+    lead = node is None or int(node["node_rank"]) == 0
+    if lead:
+        args_path.write_text(args.to_json())
+        result_path.unlink(missing_ok=True)
+    if before_start is not None:
+        before_start()
     events_path = out_dir / "events.jsonl"
     offset = events_path.stat().st_size if events_path.exists() else 0
-    cmd = launch_command(args_path, world_size, launcher, _free_port())
+    if node is not None:
+        cmd = node_command(args_path, world_size, node)
+    else:
+        cmd = launch_command(args_path, world_size, launcher, _free_port())
     penv = {**os.environ, **(env or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         penv.pop(k, None)  # an in-process run of the parent must not leak its rank into the children
     penv["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), penv.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    penv[RANKS_DIR_ENV] = str(ranks_dir)
+    if node is not None:
+        penv[NODE_ENV] = str(int(node["node_rank"]))
+        penv.update(NODE_LAUNCH_ENV)
     if launcher == "deepspeed":
         penv.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
-    log_path = out_dir / "launch.log"
+    log_path = out_dir / ("launch.log" if node is None else f"launch-node{int(node['node_rank'])}.log")
 
     def drain() -> None:
         nonlocal offset
@@ -287,6 +344,14 @@ def launch(
             stop_launch(proc, ranks_dir)
             raise
     drain()
+    if proc.returncode == 0 and not lead:
+        return {"node_rank": int(node["node_rank"]), "returncode": 0}  # type: ignore[index]
+    if proc.returncode == 0 and node is not None:
+        # rank 0 may run on another node and write its result a moment after our ranks left
+        t_end = time.monotonic() + result_wait_s
+        while not result_path.exists() and time.monotonic() < t_end:
+            time.sleep(0.2)
+    drain()
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"training launcher exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
@@ -310,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     from model_code.training import TrainArgs, shutdown_distributed, train
 
     args = TrainArgs.from_json(Path(ns.args).read_text())
-    rank_guard(Path(args.checkpoint_dir or args.out_dir), rank=int(os.environ.get("RANK", "0")))
+    ranks_dir = os.environ.get(RANKS_DIR_ENV) or args.checkpoint_dir or args.out_dir
+    rank_guard(Path(ranks_dir), rank=int(os.environ.get("RANK", "0")))
     try:
         train(args)
     finally:

@@ -602,6 +602,9 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         model=model, model_parameters=base_opt_params, config=ds_config, lr_scheduler=sched_factory
     )
     device = engine.device
+    # throughput accounting (issue 15): this rank's own figures since this session started
+    mine = {"audio_s": 0.0, "wait_s": 0.0, "allreduce_s": 0.0, "step_s": 0.0, "steps": 0}
+    _time_allreduce(engine, mine, device_type, world)
     prec = resolve_precision(args.precision, device_type)
     in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
     if rank == 0:
@@ -774,6 +777,10 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
                     ep["busy_s"] += dt
                     ep["frames"] += acc["frames"]
                     ep["padded"] += acc["padded"]
+                    mine["audio_s"] += acc["audio_s"]
+                    mine["wait_s"] += acc["wait_s"]
+                    mine["step_s"] += dt
+                    mine["steps"] += 1
                     acc = {"loss": 0.0, "audio_s": 0.0, "wait_s": 0.0, "load_s": [], "frames": 0, "padded": 0, "utts": 0}
                     if rank == 0 and step % args.log_every_steps == 0:
                         events.write(rec)
@@ -858,6 +865,7 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
             )
             result["model_dir"] = "model"
         result["wall_s"] = time.monotonic() - t_start
+        result["rank_stats"] = _gather_rank_stats(mine, rank, local_rank, world)
         if world > 1:
             torch.distributed.barrier()
         if rank == 0:
@@ -870,6 +878,59 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         events.close()
         if batch_log is not None:
             batch_log.close()
+
+
+def _time_allreduce(engine, mine: dict[str, Any], device_type: str, world: int) -> None:
+    """Time DeepSpeed's gradient all-reduce on this rank (``engine.allreduce_gradients``, which
+    ``engine.backward`` calls at each gradient-accumulation boundary) into ``mine["allreduce_s"]``.
+
+    The time includes waiting for the slowest rank to reach the collective (that is what a rank
+    loses to it). On CUDA the device is synchronized before and after, so the (asynchronous)
+    NCCL call is timed to its end. With ZeRO 2/3 most of the reduction overlaps the backward
+    pass and only the remainder is seen here."""
+    fn = getattr(engine, "allreduce_gradients", None)
+    if world <= 1 or fn is None:
+        return
+
+    def timed(*a, **k):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            mine["allreduce_s"] += time.perf_counter() - t0
+
+    engine.allreduce_gradients = timed
+
+
+def _gather_rank_stats(mine: dict[str, Any], rank: int, local_rank: int, world: int) -> list[dict[str, Any]]:
+    """Every rank's throughput figures of this session (collective), ordered by rank.
+
+    Per rank: ``audio_s`` (its own batches), ``step_s`` (wall time of its optimizer steps,
+    data wait included), ``wait_s`` (waiting for the next batch), ``allreduce_s`` (in the
+    gradient all-reduce), their shares of ``step_s``, and where it ran (``node``: the
+    ``ASRFLOW_NODE_INDEX`` a multi-node launch sets, else 0; ``host``)."""
+    import socket
+
+    step_s = max(float(mine["step_s"]), 1e-9)
+    rec = {
+        **mine,
+        "rank": int(rank),
+        "local_rank": int(local_rank),
+        "node": int(os.environ.get("ASRFLOW_NODE_INDEX", "0")),  # model_code.ds_launch.NODE_ENV
+        "host": socket.gethostname(),
+        "audio_s_per_s": float(mine["audio_s"]) / step_s,
+        "data_wait_share": float(mine["wait_s"]) / step_s,
+        "allreduce_share": float(mine["allreduce_s"]) / step_s if world > 1 else 0.0,
+    }
+    if world <= 1:
+        return [rec]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, rec)
+    return sorted(out, key=lambda r: r["rank"])
 
 
 def _write_json(path: Path, obj: Any) -> None:

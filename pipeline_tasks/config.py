@@ -273,8 +273,14 @@ class TrainConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     world_size: int = Field(1, ge=1)  # processes on this node
+    # nodes: > 1 runs one mapped `train_node` task per node (each world_size ranks) that meet in
+    # torchrun's c10d rendezvous, node 0 hosting it (pipeline_tasks/services/multinode.py)
     nnodes: int = Field(1, ge=1)
-    launcher: Literal["inprocess", "torchrun", "deepspeed"] = "inprocess"
+    launcher: Literal["inprocess", "torchrun", "deepspeed"] = "inprocess"  # nnodes > 1: always torchrun
+    rdzv_host: str = ""  # address the other nodes reach node 0's rendezvous at ("" = node 0's FQDN)
+    rdzv_port: int = Field(0, ge=0, le=65535)  # 0 = a free port chosen by node 0 at start
+    rdzv_join_timeout_s: float = Field(600.0, gt=0)  # a node that never comes fails the step after this
+    max_restarts: int = Field(3, ge=0)  # torchrun --max-restarts: elastic re-rendezvous after a node died
     checkpoint_every_steps: int = Field(200, ge=1)
     checkpoint_every_minutes: float = Field(5.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)

@@ -11,7 +11,10 @@ local runner's summary (``devstack.local_run``), and the DAG integrity test, whi
 the Airflow DAG (``dags/asr_retraining.py``) wires exactly :func:`airflow_task_graph`. A step
 that fans out in Airflow (``fan_out``) runs there as three tasks: ``<step>_<plan>`` (what to map
 over), ``<step>_<part>`` (one mapped task per item) and ``<step>_finalize`` (the step's result);
-a ``gated`` step has a short-circuit task ``<step>_gate`` in front of it.
+a ``gated`` step has a short-circuit task ``<step>_gate`` in front of it. A step with ``nodes``
+(train) keeps its own task, which holds the result, and runs two tasks in front of it:
+``<step>_<plan>`` (the nodes; none when the run uses one node, and ``<step>`` trains) and
+``<step>_<node>`` (one mapped task per node of a multi-node training; ``<step>`` then gathers).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class StepSpec:
     upstream: tuple[str, ...] = ()
     fan_out: tuple[str, str] | None = None  # (plan task suffix, mapped task suffix)
     gated: bool = False
+    nodes: tuple[str, str] | None = None  # (plan task suffix, mapped per-node task suffix)
 
     @property
     def result_task(self) -> str:
@@ -48,6 +52,8 @@ class StepSpec:
         if self.fan_out:
             plan, part = self.fan_out
             return (*gate, f"{self.name}_{plan}", f"{self.name}_{part}", f"{self.name}_finalize")
+        if self.nodes:
+            return (*gate, *(f"{self.name}_{x}" for x in self.nodes), self.name)
         return (*gate, self.name)
 
 
@@ -58,7 +64,7 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("golden"),
     StepSpec("split", ("featurize", "golden")),
     StepSpec("tune", ("split",), fan_out=("prepare", "worker")),
-    StepSpec("train", ("split", "tune")),
+    StepSpec("train", ("split", "tune"), nodes=("plan", "node")),
     StepSpec("export", ("train", "golden")),
     StepSpec("evaluate", ("train", "golden", "export")),  # the gate judges the exported file
     StepSpec("promote", ("export", "evaluate"), gated=True),
@@ -96,6 +102,11 @@ def airflow_task_graph() -> dict[str, list[str]]:
             out[plan] = sorted(ups)
             out[part] = sorted(ups | {plan})
             out[s.result_task] = sorted(ups | {part})
+        elif s.nodes:
+            plan, node = (f"{s.name}_{x}" for x in s.nodes)
+            out[plan] = sorted(ups)
+            out[node] = sorted(ups | {plan})
+            out[s.name] = sorted(ups | {node})
         else:
             out[s.name] = sorted(ups)
     return out

@@ -151,6 +151,10 @@ class TrainResult(StepResult, total=False):
     init: str  # "warm" | "scratch"
     parent: dict[str, Any]  # services.parent.Parent.record()
     lineage: dict[str, Any]  # batches, new_batches, parent_version, snapshot, train minutes
+    # throughput accounting (services.multinode.throughput): per node audio-s/s, per rank
+    # data-wait and all-reduce shares of step time (all-reduce 0 for world size 1)
+    throughput: dict[str, Any]
+    nnodes: int  # nodes (mapped train_node tasks) that trained it; 1: the single train task
 
 
 class EvaluateResult(StepResult, total=False):

@@ -245,8 +245,15 @@ def fit(
     parent=None,
     meta: dict[str, Any] | None = None,
     speed_indexes: dict[str, Path] | None = None,
+    node: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``train_index``, evaluating on ``dev_index`` each epoch; write ``out_dir``.
+
+    ``node``: this call is node 0 of a multi-node training (``train.nnodes > 1`` in the DAG):
+    keyword arguments of :func:`model_code.ds_launch.launch` (``node``, ``ranks_dir``,
+    ``before_start``) from :func:`pipeline_tasks.services.multinode.lead_node`; this node starts
+    ``train.world_size`` ranks and the other nodes join them. Without it, ``world_size × nnodes``
+    ranks run on this node (the CLI, the tune step).
 
     ``speed_indexes``: factor → the speed copy of ``train_index`` (used with
     ``train.augment.speed_perturb``; see :func:`train_args`).
@@ -333,7 +340,17 @@ def fit(
                 on_epoch_end(epoch, rec)
 
         world = int(cfg.train.world_size) * int(cfg.train.nnodes)
-        if world <= 1:
+        if node is not None:  # node 0 of a multi-node training (services.multinode)
+            from model_code.ds_launch import launch
+
+            def on_node_event(e: dict[str, Any]) -> None:
+                if e.get("type") == "step":
+                    sink.step(e)
+                elif e.get("type") == "epoch":
+                    epoch_cb(int(e["epoch"]), e)
+
+            res = launch(args, int(cfg.train.world_size), on_event=on_node_event, **node)
+        elif world <= 1:
             from model_code.training import train
 
             res = train(args, on_step=sink.step, on_epoch_end=epoch_cb)
@@ -365,6 +382,11 @@ def fit(
             "train_s": res["train_s"],
         }
         track("log final", lambda: mlflow.log_metrics({f"final/{k}": float(v) for k, v in final.items() if v is not None}))
+        from pipeline_tasks.services.multinode import throughput, throughput_metrics
+
+        tput = throughput(res.get("rank_stats") or [])
+        if tput:  # per node audio-s/s, per rank data-wait and all-reduce shares (issue 15)
+            track("log throughput", lambda: mlflow.log_metrics(throughput_metrics(tput)))
     except BaseException:
         status = "KILLED"
         sink.flush()
@@ -389,6 +411,7 @@ def fit(
         "resumed_from": res.get("resumed_from"),
         "params": int(res["params"]),
         "world_size": int(res["world_size"]),
+        "throughput": tput,
         "train_md5": train_md5,
         "init": "warm" if warm else "scratch",
         "lineage": lineage,

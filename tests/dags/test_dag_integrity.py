@@ -111,6 +111,15 @@ def test_retraining_structure(parsed):
     assert t["train"]["pool"] == cfg.airflow.gpu_pool == "gpu_pool"
     assert t["train"]["pool_slots"] == cfg.train.gpu_pool_slots
     assert t["train"]["queue"] == cfg.airflow.train_queue
+    # multi-node training (issue 15): train_plan -> train_node (mapped, one per node; none when
+    # train.nnodes is 1) -> train (trains itself for one node, else gathers); the nodes hold the pool too
+    assert t["train_node"]["mapped"] and not t["train_plan"]["mapped"]
+    assert t["train_node"]["upstream"] == ["split", "train_plan", "tune_finalize"]
+    assert "train_node" in t["train"]["upstream"]
+    assert t["train_node"]["pool"] == t["train"]["pool"] and t["train_node"]["queue"] == cfg.airflow.train_queue
+    assert t["train_node"]["pool_slots"] == cfg.train.gpu_pool_slots
+    assert t["train_node"]["retries"] >= 1  # a node lost mid-training is retried and rejoins
+    assert "none_failed" in t["train"]["trigger_rule"]  # runs when train_node was skipped (one node)
     # retries with exponential backoff where failures can be transient
     for tid in ("ingest", "tune_worker", "evaluate", "promote"):
         assert t[tid]["retries"] >= 1 and t[tid]["backoff"] > 1, tid
