@@ -342,8 +342,9 @@ def _finalize_work(
         log.warning("tune: %s", no_signal)
         overrides = {}
     cers = [x.user_attrs.get("dev_cer") for x in complete]
-    if no_signal is None and len(distinct) > 1 and cers and all(c is not None and c >= cfg.tune.plateau_cer for c in cers):
-        # every trial still decodes to (nearly) nothing: its loss differences are noise, not a ranking
+    if no_signal is None and cers and all(c is not None and c >= cfg.tune.plateau_cer for c in cers):
+        # every complete trial (even a single one, the rest pruned) still decodes to (nearly) nothing:
+        # its loss differences are noise, not a ranking, and its config an arbitrary draw
         no_signal = (
             f"no complete trial left the CTC plateau (dev CER {min(cers):.3f}..{max(cers):.3f} >= "
             f"tune.plateau_cer {cfg.tune.plateau_cer}): training uses the profile's config"
