@@ -50,6 +50,10 @@ from filelock import FileLock, Timeout
 log = logging.getLogger(__name__)
 
 REMOTE_NAME = "storage"
+# layout of the data workspace: what ingest writes, what `asrflow status` reads
+RAW_DIR = "raw"
+MANIFEST_DIR = "manifests"
+MANIFEST_REL = f"{MANIFEST_DIR}/utterances.parquet"  # the cumulative ingested manifest
 # one git/dvc command (a `dvc push` to a hung remote...) fails after this long instead of holding
 # the workspace lock, and every later ingest behind it, forever
 COMMAND_TIMEOUT_S = float(os.environ.get("ASRFLOW_DVC_TIMEOUT_S", str(4 * 3600)))

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_tasks.config import AsrflowConfig
+from pipeline_tasks.services.dvc_store import MANIFEST_REL
 from pipeline_tasks.services.manifests import batch_of
 from pipeline_tasks.services.registry import PREVIOUS, PRODUCTION, STAGING, registry_client
 
 ALIASES = (PRODUCTION, STAGING, PREVIOUS)
-INGESTED_MANIFEST = Path("manifests") / "utterances.parquet"  # ingest's MANIFEST_REL in the data workspace
 
 
 def _ms_iso(ms: int | None) -> str | None:
@@ -144,7 +144,7 @@ def landing_status(cfg: AsrflowConfig) -> dict[str, Any]:
             rel = os.path.relpath(p, root)
             if not any(part.startswith(".") for part in rel.split("/")):
                 landed.add(batch_of(rel, root))
-    manifest = Path(cfg.paths.data_workspace) / INGESTED_MANIFEST
+    manifest = Path(cfg.paths.data_workspace) / MANIFEST_REL
     ingested = set(pq.read_table(manifest, columns=["batch"]).column("batch").to_pylist()) if manifest.exists() else set()
     qdir = Path(cfg.paths.quarantine_dir)
     not_in = sorted(landed - ingested)

@@ -85,7 +85,7 @@ from model_code.text import TextRejected
 from pipeline_tasks.config import AsrflowConfig
 from pipeline_tasks.contract import file_md5, run_step, sha256_hex, step_key, write_json_atomic
 from pipeline_tasks.records import IngestResult, StepInputs
-from pipeline_tasks.services.dvc_store import DataWorkspace
+from pipeline_tasks.services.dvc_store import MANIFEST_DIR, MANIFEST_REL, RAW_DIR, DataWorkspace
 from pipeline_tasks.services.manifests import ManifestLine, batch_of, iter_lines, parse_lines
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,6 @@ STEP = "ingest"
 # 4: manifests/sources.parquet; rows ingested before from the same landing bytes are not decoded again
 CODE_VERSION = "4"
 
-RAW_DIR = "raw"
-MANIFEST_DIR = "manifests"
-MANIFEST_REL = f"{MANIFEST_DIR}/utterances.parquet"
 # id -> the landing bytes it was decoded from (content hash), its audio hash and the decoder version:
 # a later run skips an id whose landing file has the same content hash, without decoding it again
 SOURCES_REL = f"{MANIFEST_DIR}/sources.parquet"

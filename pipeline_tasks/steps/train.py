@@ -144,18 +144,16 @@ def _fit_record(
 
 
 def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> TrainResult:
-    from pipeline_tasks.services.parent import parent_for_split
-
-    split = inputs["split"]
-    overrides = dict((inputs.get("tune") or {}).get("best_overrides") or {})
-    tcfg = with_overrides(cfg, overrides)
-    parent = parent_for_split(tcfg, split)
-    key = train_key(tcfg, split, overrides, parent)
-    ckdir = checkpoint_dir_for(cfg, key)
+    split, overrides, tcfg, parent, key, ckdir = _prepare(cfg, inputs)
 
     def work(tmp: Path) -> dict[str, Any]:
         return _fit_record(tcfg, split, overrides, parent, key, ckdir, tmp)
 
+    return _publish(cfg, key, ckdir, work, force)
+
+
+def _publish(cfg: AsrflowConfig, key: str, ckdir: Path, work, force: bool) -> TrainResult:
+    """``run_step`` for the key, then drop its checkpoints unless ``train.keep_checkpoint_after_publish``."""
     result = run_step(cfg.root, STEP, key, work, force=force)
     if not cfg.train.keep_checkpoint_after_publish and ckdir.exists():
         shutil.rmtree(ckdir, ignore_errors=True)
@@ -237,7 +235,4 @@ def finalize_nodes(
         multinode.copy_outputs(ckdir, tmp)
         return {**rec, "nodes": sorted((r for r in node_results if r), key=lambda r: int(r["node_rank"]))}
 
-    result = run_step(cfg.root, STEP, key, work, force=force)
-    if not tcfg.train.keep_checkpoint_after_publish and ckdir.exists():
-        shutil.rmtree(ckdir, ignore_errors=True)
-    return result
+    return _publish(tcfg, key, ckdir, work, force)
