@@ -47,6 +47,18 @@ def _shares(rows: list[dict], key: str) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _difference(what: str, a: np.ndarray, b: np.ndarray) -> str:
+    """Where two syntheses differ (CI saw a Festival difference once that no rerun reproduced)."""
+    if a.size != b.size:
+        return f"{what}: {a.size} vs {b.size} samples"
+    d = np.flatnonzero(a != b)
+    return (
+        f"{what}: {d.size} of {a.size} samples differ, first at {d[0] if d.size else None}, "
+        f"max |a-b| {np.abs(a - b).max():.3g}, rms a {np.sqrt(np.mean(a**2)):.3g} b {np.sqrt(np.mean(b**2)):.3g}, "
+        f"idle Festival pids {[f.proc.pid for f in voices._IDLE_FESTIVALS]}"
+    )
+
+
 def test_synthesizers_are_deterministic_and_settings_matter():
     fest = [voices.Speaker("festival", v, warp=100) for v in voices.FESTIVAL_VOICES]
     flite = [voices.Speaker("flite", v) for v in voices.FLITE_VOICES]
@@ -60,7 +72,7 @@ def test_synthesizers_are_deterministic_and_settings_matter():
         slower = e.synthesize(fest[0], SENTENCE, 1.2)
         lower = e.synthesize(voices.Speaker("festival", fest[0].voice, warp=-100), SENTENCE, 1.05)
     for a, b, s in zip(first, again, fest + flite, strict=True):
-        assert a.size > SR and np.array_equal(a, b), s.id
+        assert a.size > SR and np.array_equal(a, b), _difference(s.id, a, b)
     # Duration_Stretch slows Festival down; a warp of -200 cents lengthens by 2 ** (200 / 1200)
     assert slower.size > 1.1 * first[0].size
     assert lower.size / first[0].size == pytest.approx(2 ** (200 / 1200), rel=0.01)
