@@ -296,7 +296,7 @@ def launch(
     if before_start is not None:
         before_start()
     events_path = out_dir / "events.jsonl"
-    offset = events_path.stat().st_size if events_path.exists() else 0
+    offset = events_path.stat().st_size if events_path.exists() else 0  # events of earlier attempts
     if node is not None:
         cmd = node_command(args_path, world_size, node)
     else:
@@ -313,18 +313,7 @@ def launch(
         penv.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     log_path = out_dir / ("launch.log" if node is None else f"launch-node{int(node['node_rank'])}.log")
 
-    def drain() -> None:
-        nonlocal offset
-        if on_event is None or not events_path.exists():
-            return
-        with open(events_path) as f:
-            f.seek(offset)
-            while True:
-                line = f.readline()
-                if not line.endswith("\n"):
-                    break
-                offset += len(line.encode())
-                on_event(json.loads(line))
+    drain = EventTail(events_path, on_event, offset)
 
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
@@ -356,6 +345,29 @@ def launch(
         tail = log_path.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"training launcher exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
     return json.loads(result_path.read_text())
+
+
+class EventTail:
+    """Calls ``on_event`` for every complete new JSON line of rank 0's ``events.jsonl``.
+
+    Call it (no arguments) as often as wanted; it reads from where the last call stopped
+    (``offset``: bytes already seen, e.g. the events of an earlier attempt), and leaves a line
+    that is still being written for the next call."""
+
+    def __init__(self, path: Path, on_event: Callable[[dict[str, Any]], None] | None, offset: int = 0) -> None:
+        self.path, self.on_event, self.offset = Path(path), on_event, int(offset)
+
+    def __call__(self) -> None:
+        if self.on_event is None or not self.path.exists():
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            while True:
+                line = f.readline()
+                if not line.endswith("\n"):
+                    break
+                self.offset += len(line.encode())
+                self.on_event(json.loads(line))
 
 
 def _cuda() -> bool:

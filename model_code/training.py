@@ -912,7 +912,8 @@ def _gather_rank_stats(mine: dict[str, Any], rank: int, local_rank: int, world: 
     Per rank: ``audio_s`` (its own batches), ``step_s`` (wall time of its optimizer steps,
     data wait included), ``wait_s`` (waiting for the next batch), ``allreduce_s`` (in the
     gradient all-reduce), their shares of ``step_s``, and where it ran (``node``: the
-    ``ASRFLOW_NODE_INDEX`` a multi-node launch sets, else 0; ``host``)."""
+    ``ASRFLOW_NODE_INDEX`` a multi-node launch sets, else torchrun's ``GROUP_RANK`` (the node's
+    rank in the rendezvous, e.g. in a PyTorchJob pod), else 0; ``host``)."""
     import socket
 
     step_s = max(float(mine["step_s"]), 1e-9)
@@ -920,7 +921,7 @@ def _gather_rank_stats(mine: dict[str, Any], rank: int, local_rank: int, world: 
         **mine,
         "rank": int(rank),
         "local_rank": int(local_rank),
-        "node": int(os.environ.get("ASRFLOW_NODE_INDEX", "0")),  # model_code.ds_launch.NODE_ENV
+        "node": int(os.environ.get("ASRFLOW_NODE_INDEX") or os.environ.get("GROUP_RANK") or 0),  # ds_launch.NODE_ENV
         "host": socket.gethostname(),
         "audio_s_per_s": float(mine["audio_s"]) / step_s,
         "data_wait_share": float(mine["wait_s"]) / step_s,

@@ -261,6 +261,36 @@ class SamplerConfig(_Section):
     memory_budget_gb: float = 4.0
 
 
+class PyTorchJobConfig(_Section):
+    """``train.launcher: pytorchjob``: the train task submits a Kubeflow Training Operator
+    ``PyTorchJob`` (kubeflow.org/v1) and waits for it (:mod:`pipeline_tasks.services.pytorchjob`).
+
+    The pods mount the shared artifact volume at ``paths.root`` (the same path the Airflow
+    workers see), so rank 0 writes the model and its result where the train task reads them."""
+
+    namespace: str = "asrflow"
+    image: str = "registry.example.com/asrflow:0.1.0"  # the project's image (infra/Dockerfile)
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    service_account: str = ""  # "" = the namespace's default
+    artifact_claim: str = "asrflow-data"  # PVC (ReadWriteMany) holding paths.root
+    gpu_resource: str = "nvidia.com/gpu"  # per pod: train.world_size of these ("" = CPU-only pods)
+    cpu: str = "32"  # per pod request
+    memory: str = "400Gi"  # per pod request (and limit)
+    shm_size: str = "64Gi"  # /dev/shm (DataLoader workers, NCCL)
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"pool": "gpu"})
+    tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    min_nodes: int = Field(0, ge=0)  # elastic: fewest nodes training goes on with (0 = train.nnodes)
+    rdzv_port: int = Field(29400, ge=1, le=65535)
+    active_deadline_s: int = Field(7 * 24 * 3600, ge=60)  # the job fails after this
+    backoff_limit: int = Field(3, ge=0)  # pod restarts (OnFailure) before the job fails
+    ttl_after_finished_s: int = Field(24 * 3600, ge=0)  # the finished job (and its logs) is kept this long
+    kubectl: str = "kubectl"
+    context: str = ""  # kubeconfig context ("" = current; in-cluster: the task pod's service account)
+    poll_s: float = Field(10.0, gt=0)
+
+
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -276,7 +306,8 @@ class TrainConfig(_Section):
     # nodes: > 1 runs one mapped `train_node` task per node (each world_size ranks) that meet in
     # torchrun's c10d rendezvous, node 0 hosting it (pipeline_tasks/services/multinode.py)
     nnodes: int = Field(1, ge=1)
-    launcher: Literal["inprocess", "torchrun", "deepspeed"] = "inprocess"  # nnodes > 1: always torchrun
+    # nnodes > 1 with a Celery GPU pool: always torchrun; pytorchjob: a Kubeflow PyTorchJob of nnodes pods
+    launcher: Literal["inprocess", "torchrun", "deepspeed", "pytorchjob"] = "inprocess"
     rdzv_host: str = ""  # address the other nodes reach node 0's rendezvous at ("" = node 0's FQDN)
     rdzv_port: int = Field(0, ge=0, le=65535)  # 0 = a free port chosen by node 0 at start
     rdzv_join_timeout_s: float = Field(600.0, gt=0)  # a node that never comes fails the step after this
@@ -294,6 +325,7 @@ class TrainConfig(_Section):
     specaugment: SpecAugmentConfig = SpecAugmentConfig()
     augment: AugmentConfig = AugmentConfig()
     gpu_pool_slots: int = Field(1, ge=1)
+    pytorchjob: PyTorchJobConfig = PyTorchJobConfig()
     keep_checkpoint_after_publish: bool = False  # keep <root>/checkpoints/train/<key>/ once the model is published
     ds_shm_comm: bool = False  # DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op, ~40 s once)
     build_lm: bool = True  # ship a lexicon + n-gram LM built from the training transcripts with the model

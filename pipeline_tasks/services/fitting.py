@@ -246,6 +246,7 @@ def fit(
     meta: dict[str, Any] | None = None,
     speed_indexes: dict[str, Path] | None = None,
     node: dict[str, Any] | None = None,
+    runner: Callable[[Any, Callable[[dict[str, Any]], None]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train a model on ``train_index``, evaluating on ``dev_index`` each epoch; write ``out_dir``.
 
@@ -339,17 +340,19 @@ def fit(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, rec)
 
+        def on_event(e: dict[str, Any]) -> None:  # rank 0's events.jsonl, for launched ranks
+            if e.get("type") == "step":
+                sink.step(e)
+            elif e.get("type") == "epoch":
+                epoch_cb(int(e["epoch"]), e)
+
         world = int(cfg.train.world_size) * int(cfg.train.nnodes)
-        if node is not None:  # node 0 of a multi-node training (services.multinode)
+        if runner is not None:  # ranks started elsewhere (a PyTorchJob)
+            res = runner(args, on_event)
+        elif node is not None:  # node 0 of a multi-node training (services.multinode)
             from model_code.ds_launch import launch
 
-            def on_node_event(e: dict[str, Any]) -> None:
-                if e.get("type") == "step":
-                    sink.step(e)
-                elif e.get("type") == "epoch":
-                    epoch_cb(int(e["epoch"]), e)
-
-            res = launch(args, int(cfg.train.world_size), on_event=on_node_event, **node)
+            res = launch(args, int(cfg.train.world_size), on_event=on_event, **node)
         elif world <= 1:
             from model_code.training import train
 
@@ -357,13 +360,7 @@ def fit(
         else:
             from model_code.ds_launch import launch
 
-            def on_event(e: dict[str, Any]) -> None:
-                if e.get("type") == "step":
-                    sink.step(e)
-                elif e.get("type") == "epoch":
-                    epoch_cb(int(e["epoch"]), e)
-
-            launcher = "torchrun" if cfg.train.launcher == "inprocess" else cfg.train.launcher
+            launcher = "torchrun" if cfg.train.launcher in ("inprocess", "pytorchjob") else cfg.train.launcher
             res = launch(args, world, launcher=launcher, on_event=on_event)
         sink.flush()
         history = res["history"]

@@ -35,7 +35,7 @@ ALIASES = (PRODUCTION, STAGING, PREVIOUS)
 
 
 def _ms_iso(ms: int | None) -> str | None:
-    return None if not ms else dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="seconds")
+    return None if not ms else dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds")
 
 
 def registry_status(cfg: AsrflowConfig, client=None) -> dict[str, Any]:

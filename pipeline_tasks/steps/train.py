@@ -96,7 +96,9 @@ def _fit_record(
 ) -> dict[str, Any]:
     """Train into ``out`` (MLflow run of the key) and return the step's result record.
 
-    ``node``: as node 0 of a multi-node training (:func:`run_node`), see ``fit(node=...)``."""
+    ``node``: as node 0 of a multi-node training (:func:`run_node`), see ``fit(node=...)``.
+    With ``train.launcher: pytorchjob`` the ranks run as a Kubernetes PyTorchJob
+    (:mod:`pipeline_tasks.services.pytorchjob`) and this task follows it."""
     import mlflow
 
     snapshot = {"data_snapshot_md5": split.get("snapshot_md5"), "data_snapshot_tag": split.get("dvc_tag")}
@@ -112,6 +114,7 @@ def _fit_record(
             meta={**snapshot, "train_key": key},
             speed_indexes={f: resolve(split, v) for f, v in (split.get("train_speed") or {}).items()},
             node=node,
+            runner=_job_runner(tcfg, key),
         )
     lineage = {**res["lineage"], **snapshot, "train_minutes": round(res["train_s"] / 60.0, 2)}
     return {
@@ -139,8 +142,22 @@ def _fit_record(
         "parent": parent.record(),
         "lineage": lineage,
         "throughput": res.get("throughput") or {},
-        "nnodes": int(tcfg.train.nnodes) if node is not None else 1,
+        "nnodes": int(tcfg.train.nnodes) if node is not None or _on_kubernetes(tcfg) else 1,
+        "launcher": tcfg.train.launcher,
     }
+
+
+def _on_kubernetes(cfg: AsrflowConfig) -> bool:
+    return cfg.train.launcher == "pytorchjob"
+
+
+def _job_runner(cfg: AsrflowConfig, key: str):
+    """``fit(runner=...)``: a PyTorchJob for ``train.launcher: pytorchjob``, else None (local ranks)."""
+    if not _on_kubernetes(cfg):
+        return None
+    from pipeline_tasks.services import pytorchjob
+
+    return pytorchjob.runner(cfg, key)
 
 
 def run(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> TrainResult:
@@ -183,11 +200,12 @@ def _published(cfg: AsrflowConfig, key: str) -> bool:
 
 def plan(cfg: AsrflowConfig, inputs: StepInputs, force: bool = False) -> list[dict[str, Any]]:
     """The nodes the DAG's ``train_node`` maps over: ``[]`` when ``train.nnodes`` is 1 (the ``train``
-    task trains, as always) or when this key is already published (nothing to train)."""
+    task trains, as always), when this key is already published (nothing to train), or with
+    ``train.launcher: pytorchjob`` (the ``train`` task submits one job for all nodes)."""
     from pipeline_tasks.services import multinode
 
     _split, _overrides, tcfg, _parent, key, _ckdir = _prepare(cfg, inputs)
-    if int(tcfg.train.nnodes) > 1 and _published(cfg, key) and not force:
+    if _on_kubernetes(tcfg) or (int(tcfg.train.nnodes) > 1 and _published(cfg, key) and not force):
         return []
     return multinode.plan(tcfg, key)
 

@@ -49,6 +49,7 @@ _TRAIN_OPERATIONAL = (
     "world_size",
     "nnodes",
     "launcher",
+    "pytorchjob",
     "rdzv_host",
     "rdzv_port",
     "rdzv_join_timeout_s",
