@@ -16,7 +16,7 @@ moves the MLflow alias **`staging`** to it only if the gate passes.
 | `golden` | the fixed golden set (features), independent of the week's data |
 | `split` | train / dev / proxy split (golden utterances excluded) |
 | `tune_prepare` → `tune_worker` (mapped) → `tune_finalize` | Optuna study on the proxy set; workers share one study; finalize picks the best config |
-| `train_plan` → `train_node` (mapped) → `train` | DeepSpeed training, warm-started from the current model with replay of older weeks (pool `gpu_pool`). One node (`train.nnodes: 1`): no `train_node`, `train` trains. N nodes: one `train_node` per node (gpu queue, pool) meeting in torchrun's c10d rendezvous, then `train` gathers rank 0's result |
+| `train_plan` → `train_node` (mapped) → `train` | DeepSpeed training, warm-started from the current model with replay of older weeks (pool `gpu_pool`). One node (`train.nnodes: 1`): no `train_node`, `train` trains. N nodes: one `train_node` per node (gpu queue, pool) meeting in torchrun's c10d rendezvous, then `train` gathers rank 0's result. `train.launcher: pytorchjob`: no `train_node`, `train` submits and follows a Kubernetes PyTorchJob |
 | `export` | ONNX export + onnxruntime parity check (+ int8); picks the file that serves |
 | `evaluate` | golden-set WER/CER per slice of that exact file, vs the champion (production, else staging), CI → gate decision |
 | `promote_gate` | short-circuit: skips `promote` (reason logged and in XCom `skip_reason`) when the gate failed or **promote** is off |
