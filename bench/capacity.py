@@ -1,0 +1,103 @@
+"""Model capacity for the diverse corpus: which shape learns most in the local profile's budget.
+
+One synthetic week (``synth.corpus`` with the profile's mix and week-1 ramp) and the golden set go
+through the pipeline's own steps (``pipeline_tasks.graph.run_until``: ingest → … → evaluate, in
+this process, no Airflow) once per variant, in one artifact root (the data steps are computed once
+and cached; every variant has its own train key). Every variant trains from scratch for the same
+``--minutes`` with the tuner off, so the only difference is the variant's overrides. Printed per
+variant: parameters, optimizer steps, audio hours seen, dev WER/CER (what a selection may use),
+and golden WER/CER overall and per slice (beam + lexicon + LM on the exported file: the gate's
+numbers, reported, not selected on). Run it on a quiet machine: the budget is wall-clock minutes.
+
+    .venv/bin/python bench/capacity.py --minutes 10 --json bench/results/capacity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CMD = " ".join(["python", *sys.argv])
+
+VARIANTS: dict[str, list[str]] = {
+    "base": [],  # the local profile: char CTC, d_model 144, 4 layers
+    "deep6": ["model.n_layers=6"],
+    "wide192": ["model.d_model=192"],
+    "bpe128": ["model.vocab=bpe", "model.bpe_vocab_size=128"],
+    "small_batch": ["train.sampler.max_duration_s=40"],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="local")
+    ap.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--work", default=str(REPO / "artifacts" / "bench-capacity"))
+    ap.add_argument("--landing", default="", help="an existing landing zone with week-001 (default: generate)")
+    ap.add_argument("--golden", default="", help="an existing golden set folder (default: generate)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from devstack.local_run import landing_view, landing_weeks
+    from pipeline_tasks.config import load_config
+    from pipeline_tasks.graph import run_until
+    from synth import corpus
+
+    work = Path(args.work)
+    root = work / "root"
+    base = load_config(args.profile, [f"paths.root={root}"])
+    c = base.corpus
+    landing = Path(args.landing) if args.landing else work / "landing"
+    golden = Path(args.golden) if args.golden else work / "golden_set"
+    if not (golden / "manifest.jsonl").exists():
+        corpus.generate_golden(golden, utterances=c.golden_utterances, seed=c.seed, jobs=c.jobs)
+    if 1 not in landing_weeks(landing):
+        corpus.generate_week(landing, week=1, utterances=c.utterances_per_week, seed=c.seed, jobs=c.jobs,
+                             long_form_share=c.long_form_share, mix=corpus.Mix.from_config(c))  # fmt: skip
+    view = landing_view(load_config(args.profile, [f"paths.root={root}", f"paths.landing_url={landing}"]), 1)
+    rows = []
+    for name in args.variants.split(","):
+        cfg = load_config(args.profile, [
+            f"paths.root={root}", f"paths.landing_url={view}", f"paths.golden_dir={golden}",
+            "train.init_from=scratch", f"train.max_minutes={args.minutes}", "tune.enabled=false", *VARIANTS[name],
+        ])  # fmt: skip
+        t0 = time.monotonic()
+        res = run_until("evaluate", cfg)
+        tr, ev = res["train"], res["evaluate"]
+        dec = json.loads((Path(ev["output_dir"]) / ev["decision"]).read_text())
+        slices = {s["slice"]: round(s["wer_candidate"], 4) for s in dec["slices"][1:]
+                  if s["kind"] in ("synth", "condition") and s.get("wer_candidate") is not None}  # fmt: skip
+        row = {
+            "variant": name, "overrides": VARIANTS[name], "params": tr.get("params"), "steps": tr["steps"],
+            "train_min": round(tr["train_s"] / 60, 2), "audio_s_per_s": round(tr["audio_s_per_s"], 1),
+            "audio_h_seen": round(tr["audio_s_per_s"] * tr["train_s"] / 3600, 2),
+            "dev_wer": tr["dev_wer"], "dev_cer": tr["dev_cer"],
+            "golden_wer": round(ev["candidate_wer"], 4), "golden_cer": round(ev["candidate_cer"], 4),
+            "slices": slices, "wall_min": round((time.monotonic() - t0) / 60, 1), "epochs": tr["epochs"],
+        }  # fmt: skip
+        rows.append(row)
+        print(f"[{name}] {row['params']} params, {row['steps']} steps, {row['audio_h_seen']} audio-h seen: dev WER "
+              f"{row['dev_wer']:.4f} CER {row['dev_cer']:.4f}; golden WER {row['golden_wer']:.4f} CER "
+              f"{row['golden_cer']:.4f}; slices {slices}", flush=True)  # fmt: skip
+
+    print(f"\n{'variant':<12} {'params':>8} {'steps':>6} {'audio-h':>8} {'dev WER':>8} {'dev CER':>8} "
+          f"{'gold WER':>9} {'gold CER':>9} {'flite':>6}")  # fmt: skip
+    for r in rows:
+        print(f"{r['variant']:<12} {r['params'] or 0:>8} {r['steps']:>6} {r['audio_h_seen']:>8} {r['dev_wer']:>8.4f} "
+              f"{r['dev_cer']:>8.4f} {r['golden_wer']:>9.4f} {r['golden_cer']:>9.4f} "
+              f"{r['slices'].get('synth=flite', float('nan')):>6.3f}")  # fmt: skip
+    print(f"reproduce: {CMD}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cmd": CMD, "minutes": args.minutes, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
