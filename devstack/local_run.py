@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -82,14 +83,34 @@ def landing_weeks(landing: Path) -> list[int]:
 
 def ensure_data(cfg: AsrflowConfig, week: int | None) -> int:
     """Synthesize the data this run needs; returns the data week the run stands for."""
-    from synth import corpus
-
-    c = cfg.corpus
     landing_url = cfg.paths.landing_url
     if not _is_local(landing_url):
         say(f"landing zone {landing_url} is remote: using what is there")
         return week or 1
     landing = _local_path(landing_url)
+    with _quiet("synth"):
+        return _ensure_data(cfg, landing, week)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """``logger`` at WARNING for a while: its per-100-utterances INFO lines are for the logs; the
+    console gets the one-line summaries below (after week 1 this process has imported Airflow,
+    whose logging setup would otherwise print every one of them)."""
+    lg = logging.getLogger(logger)
+    before = lg.level
+    if not lg.isEnabledFor(logging.DEBUG):  # -v / a DEBUG setup keeps them
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(before)
+
+
+def _ensure_data(cfg: AsrflowConfig, landing: Path, week: int | None) -> int:
+    from synth import corpus
+
+    c = cfg.corpus
     have = landing_weeks(landing)
     wanted = ([1] if not have else []) + ([week] if week is not None else [])
     for want in sorted(set(wanted) - set(have)):
