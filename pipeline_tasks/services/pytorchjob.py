@@ -21,9 +21,9 @@ reads rank 0's result from the volume. Everything downstream is unchanged.
 * **Cancelling**: when the task is interrupted (marked failed or cleared in the UI, a timeout:
   Airflow sends SIGTERM, which ends the task with an exception), the job is deleted.
 
-The manifest is checked before submission against ``infra/k8s/pytorchjob.schema.json``, a JSON
-Schema written for the fields of kubeflow.org/v1 ``PyTorchJob`` and the pod template this module
-generates (not the operator's CRD file itself). Talks to the cluster through ``kubectl`` (in a
+The manifest is checked before submission against ``pytorchjob.schema.json`` (next to this
+module, shipped with the package), a JSON Schema written for the fields of kubeflow.org/v1
+``PyTorchJob`` and the pod template this module generates (not the operator's CRD file itself). Talks to the cluster through ``kubectl`` (in a
 task pod: its service account; elsewhere: ``train.pytorchjob.context`` of the kubeconfig).
 """
 
@@ -40,14 +40,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.config import REPO_ROOT, AsrflowConfig
+from pipeline_tasks.config import AsrflowConfig
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
 CONTAINER = "pytorch"  # the operator finds the training container by this name
-SCHEMA = REPO_ROOT / "infra" / "k8s" / "pytorchjob.schema.json"
+SCHEMA = Path(__file__).with_name("pytorchjob.schema.json")  # package data: the image has it too
 JOB_LABEL = "training.kubeflow.org/job-name"
 ROLE_LABEL = "training.kubeflow.org/replica-type"
 DATA_VOLUME, SHM_VOLUME = "asrflow-data", "dshm"

@@ -1,8 +1,8 @@
 """Training as a Kubernetes PyTorchJob (``train.launcher: pytorchjob``, issue 15).
 
-The manifest of every shipped profile validates against ``infra/k8s/pytorchjob.schema.json``, and
-the schema rejects the mistakes that would silently change a job. There is no cluster here: the
-submission path runs against ``kubectl_standin.py``, a stand-in for kubectl and the operator that
+The manifest of every shipped profile validates against
+``pipeline_tasks/services/pytorchjob.schema.json``, and the schema rejects the mistakes that would
+silently change a job. There is no cluster here: the submission path runs against ``kubectl_standin.py``, a stand-in for kubectl and the operator that
 runs each replica's container command as a local process with the ``PET_*`` variables the operator
 sets. So these tests prove the manifest's command trains through torchrun from those variables and
 the train step follows, reads and publishes the job; they do not prove a real operator accepts it.
