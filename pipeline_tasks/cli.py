@@ -245,14 +245,22 @@ def lineage_cmd(
     if as_json:
         typer.echo(json.dumps(chain, indent=2, sort_keys=True))
         return
+    def wer(x) -> str:  # registry tags are strings ("0.6431312356101304", "none")
+        try:
+            return f"{float(x):.4f}"
+        except (TypeError, ValueError):
+            return "?"
+
     for i, v in enumerate(chain):
         al = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
+        champ = v["gate_champion_version"]
+        vs = f"vs v{champ} {wer(v['gate_champion_wer'])}" if champ not in (None, "", "none") else "(no champion)"
         new = ",".join(v["new_batches"]) or "–"
         typer.echo(
             f"{'  ' * i}v{v['version']}{al} ← {v['parent']}: snapshot {v['data_snapshot_tag'] or '?'}, "
             f"new data {new} ({len(v['batches'])} batch(es) seen), {v['train_minutes'] or '?'} min of training, "
             f"gate {'PASS' if v['gate_passed'] == 'true' else 'FAIL' if v['gate_passed'] else '?'} "
-            f"WER {v['gate_candidate_wer'] or '?'} vs v{v['gate_champion_version'] or '–'} {v['gate_champion_wer'] or ''}"
+            f"WER {wer(v['gate_candidate_wer'])} {vs}"
         )
 
 
