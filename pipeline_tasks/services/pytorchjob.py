@@ -76,12 +76,15 @@ def manifest(cfg: AsrflowConfig, key: str, args_path: Path) -> dict[str, Any]:
     }
     if k.gpu_resource:
         resources["limits"][k.gpu_resource] = nproc
+    from model_code.ds_launch import NODE_LAUNCH_ENV, RANKS_DIR_ENV
+
+    # what ds_launch.launch sets for the ranks it starts: the rank registry, and the torch
+    # workaround an elastic restart needs
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "ASRFLOW_ROOT", "value": root},
-        {"name": "ASRFLOW_RANKS_DIR", "value": RANKS_DIR_IN_POD},  # model_code.ds_launch.RANKS_DIR_ENV
-        # model_code.ds_launch.NODE_LAUNCH_ENV: an elastic restart must publish MASTER_ADDR afresh
-        {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
+        {"name": RANKS_DIR_ENV, "value": RANKS_DIR_IN_POD},
+        *({"name": k, "value": v} for k, v in NODE_LAUNCH_ENV.items()),
     ]
     container: dict[str, Any] = {
         "name": CONTAINER,
