@@ -38,6 +38,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="local")
     ap.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant")
+    ap.add_argument(
+        "--epochs", type=int, default=1000,
+        help="epoch cap (default: high, so the minutes bind; the profile's own value compares at equal epochs)",
+    )  # fmt: skip
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--work", default=str(REPO / "artifacts" / "bench-capacity"))
     ap.add_argument("--landing", default="", help="an existing landing zone with week-001 (default: generate)")
@@ -66,7 +70,8 @@ def main() -> int:
     for name in args.variants.split(","):
         cfg = load_config(args.profile, [
             f"paths.root={root}", f"paths.landing_url={view}", f"paths.golden_dir={golden}",
-            "train.init_from=scratch", f"train.max_minutes={args.minutes}", "tune.enabled=false", *VARIANTS[name],
+            "train.init_from=scratch", f"train.max_minutes={args.minutes}", f"train.epochs={args.epochs}",
+            "tune.enabled=false", *VARIANTS[name],
         ])  # fmt: skip
         t0 = time.monotonic()
         res = run_until("evaluate", cfg)
@@ -87,15 +92,18 @@ def main() -> int:
               f"{row['dev_wer']:.4f} CER {row['dev_cer']:.4f}; golden WER {row['golden_wer']:.4f} CER "
               f"{row['golden_cer']:.4f}; slices {slices}", flush=True)  # fmt: skip
 
-    print(f"\n{'variant':<12} {'params':>8} {'steps':>6} {'audio-h':>8} {'dev WER':>8} {'dev CER':>8} "
-          f"{'gold WER':>9} {'gold CER':>9} {'flite':>6}")  # fmt: skip
+    print(f"\n{'variant':<12} {'params':>8} {'epochs':>6} {'min':>5} {'steps':>6} {'audio-h':>8} {'dev WER':>8} "
+          f"{'dev CER':>8} {'gold WER':>9} {'gold CER':>9} {'flite':>6}")  # fmt: skip
     for r in rows:
-        print(f"{r['variant']:<12} {r['params'] or 0:>8} {r['steps']:>6} {r['audio_h_seen']:>8} {r['dev_wer']:>8.4f} "
+        print(f"{r['variant']:<12} {r['params'] or 0:>8} {r['epochs']:>6} {r['train_min']:>5} {r['steps']:>6} "
+              f"{r['audio_h_seen']:>8} {r['dev_wer']:>8.4f} "
               f"{r['dev_cer']:>8.4f} {r['golden_wer']:>9.4f} {r['golden_cer']:>9.4f} "
               f"{r['slices'].get('synth=flite', float('nan')):>6.3f}")  # fmt: skip
     print(f"reproduce: {CMD}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cmd": CMD, "minutes": args.minutes, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"cmd": CMD, "minutes": args.minutes, "epochs": args.epochs, "rows": rows}, indent=1) + "\n"
+        )
     return 0
 
 

@@ -17,7 +17,7 @@ UTTERANCE_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("audio_hash", pa.string(), nullable=False),  # sha256 of 16 kHz mono int16 PCM
-        pa.field("audio_path", pa.string(), nullable=False),  # raw/<h[:2]>/<h>.flac, relative to the data workspace
+        pa.field("audio_path", pa.string(), nullable=False),  # raw/<batch>/<h[:2]>/<h>.flac, relative to the data workspace
         pa.field("duration_s", pa.float64(), nullable=False),
         pa.field("num_samples", pa.int64(), nullable=False),
         pa.field("sample_rate", pa.int32(), nullable=False),

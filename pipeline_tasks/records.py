@@ -29,6 +29,8 @@ class IngestResult(StepResult, total=False):
     n_new: int
     n_landing_rows: int
     n_skipped: int  # landing rows ingested before from the same bytes: not decoded again
+    n_manifests_unchanged: int  # landing manifests fully ingested before and unchanged: not parsed again
+    n_orphans_removed: int  # raw files stored for rows then refused (duplicates): deleted again
     quarantine: str  # QUARANTINE_SCHEMA parquet
     n_quarantined: int
     quarantine_reasons: dict[str, int]
@@ -46,6 +48,7 @@ class ValidateResult(StepResult, total=False):
     n_quarantined: int
     n_quarantined_validate: int
     n_long_form: int
+    n_rows_checked: int  # rows run through the row suite; the rest passed it before with the same values
     report_html: str  # GX Data Docs
     summary: str
     snapshot_md5: str

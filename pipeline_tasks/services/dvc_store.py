@@ -35,9 +35,11 @@ of long-lived Airflow workers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +56,8 @@ REMOTE_NAME = "storage"
 RAW_DIR = "raw"
 MANIFEST_DIR = "manifests"
 MANIFEST_REL = f"{MANIFEST_DIR}/utterances.parquet"  # the cumulative ingested manifest
+# what `dvc push` already sent to which remote (per output and md5); under .dvc/tmp, never committed
+PUSHED_REL = ".dvc/tmp/asrflow-pushed.json"
 # one git/dvc command (a `dvc push` to a hung remote...) fails after this long instead of holding
 # the workspace lock, and every later ingest behind it, forever
 COMMAND_TIMEOUT_S = float(os.environ.get("ASRFLOW_DVC_TIMEOUT_S", str(4 * 3600)))
@@ -98,6 +102,13 @@ class WorkspaceError(RuntimeError):
 
 class WorkspaceLockTimeout(WorkspaceError):
     """Another process held the workspace lock for longer than the timeout."""
+
+
+def raw_batch_dir(batch: str) -> str:
+    """The raw store folder of one landing batch, ``raw/<batch>``: each is its own DVC output, so
+    a week's ``dvc add`` and ``dvc push`` touch only the batches that changed, not the history."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", batch).lstrip(".") or "_"
+    return f"{RAW_DIR}/{safe}"
 
 
 def dvc_executable() -> str:
@@ -267,6 +278,24 @@ class DataWorkspace:
             raise WorkspaceError(f"{dvc_file} has no md5 entry")
         return str(outs[0]["md5"])
 
+    def legacy_raw(self) -> bool:
+        """Whether ``raw/`` is one DVC output (a workspace made before the per-batch outputs of
+        :func:`raw_batch_dir`): it keeps that layout, and each ingest adds the whole folder."""
+        return (self.path / f"{RAW_DIR}.dvc").exists()
+
+    def raw_outputs(self) -> list[str]:
+        """The DVC outputs of the raw store: ``["raw"]`` (legacy) or every ``raw/<batch>``."""
+        if self.legacy_raw():
+            return [RAW_DIR]
+        folder = self.path / RAW_DIR
+        return sorted(f"{RAW_DIR}/{p.name[:-4]}" for p in folder.glob("*.dvc")) if folder.is_dir() else []
+
+    def snapshot_md5(self, paths: list[str]) -> str:
+        """One md5 naming the data of the DVC outputs ``paths`` (in that order), from their ``.dvc``
+        files: ``md5("<path>:<dvc md5>" lines)``; with ``["raw", "manifests"]`` it is the hash
+        earlier versions computed, so their snapshot tags stay valid."""
+        return hashlib.md5("\n".join(f"{p}:{self.md5(p)}" for p in paths).encode()).hexdigest()
+
     def tracked_files(self, path: str) -> set[str] | None:
         """The files (relative to ``path``) that ``<path>.dvc`` records for a DVC-tracked folder,
         read from the ``.dir`` listing in the local DVC cache; ``None`` when ``path`` is not
@@ -337,8 +366,38 @@ class DataWorkspace:
                 self.git("tag", "-a", tag, "-m", message)
                 log.info("data workspace %s: tagged %s", self.path, tag)
             if push:
-                self.dvc("push", "-q", *[f"{str(p).rstrip('/')}.dvc" for p in paths])
+                self.push(paths)
             return made
+
+    def _pushed(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads((self.path / PUSHED_REL).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def push(self, paths: list[str]) -> list[str]:
+        """``dvc push`` those of ``paths`` not yet pushed to this remote at their current md5.
+
+        A record under ``.dvc/tmp`` (never committed) remembers what each push sent, written only
+        after the push succeeded; so a week pushes its new outputs, not the whole history again
+        (``dvc push`` of an output still checks every file of it against the remote). A failed
+        push is retried by the next call; another remote URL starts from nothing."""
+        with self.lock():
+            rel = [str(p).rstrip("/") for p in paths]
+            record = self._pushed()
+            done = record.get(self.remote) if isinstance(record.get(self.remote), dict) else {}
+            md5s = {p: self.md5(p) for p in rel}
+            todo = [p for p in rel if done.get(p) != md5s[p]]
+            if todo:
+                self.dvc("push", "-q", *[f"{p}.dvc" for p in todo])
+                done = {**done, **{p: md5s[p] for p in todo}}
+                record[self.remote] = done
+                (self.path / PUSHED_REL).parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path / f"{PUSHED_REL}.{os.getpid()}"
+                tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+                os.replace(tmp, self.path / PUSHED_REL)
+            return todo
 
     def add_commit_push(
         self, paths: list[str], message: str, tag: str | None = None, push: bool = True

@@ -36,7 +36,10 @@ folder is the same with or without factors. The index of a factor (:func:`build_
 row by row.
 
 Which utterances are cached is read from the shards themselves (their ``audio_hash`` column; a
-column projection reads a few KB per shard), so there is no separate catalog to keep consistent.
+column projection reads a few KB per shard). So that a week does not open every shard of the
+history (issue 18), the answer is also kept in ``_lookup.parquet`` beside them: a derived copy,
+rebuilt from the shards it does not cover yet (any shard it does not name is read; rows of a
+shard no longer on disk are dropped), never the source of truth.
 """
 
 from __future__ import annotations
@@ -81,23 +84,76 @@ def feature_cache_dir(root: str | os.PathLike[str], fcfg: FeatureConfig, speed: 
     return Path(root) / CACHE_DIRNAME / (feature_hash(fcfg) + speed_tag(speed))
 
 
+LOOKUP_NAME = "_lookup.parquet"  # derived: which shard and row holds each audio hash
+_LOOKUP_SCHEMA = pa.schema(
+    [("audio_hash", pa.string()), ("shard", pa.string()), ("row", pa.int64()), ("n_frames", pa.int64())]
+)
+
+
+def _read_lookup(path: Path) -> pa.Table | None:
+    if not path.exists():
+        return None
+    try:
+        return pq.read_table(path).cast(_LOOKUP_SCHEMA)
+    except (OSError, ValueError, pa.ArrowException) as e:  # derived data: rebuilt from the shards
+        log.warning("feature cache: ignoring unreadable %s (%s)", path, e)
+        return None
+
+
 def cache_lookup(cache_dir: str | os.PathLike[str]) -> dict[str, tuple[str, int, int]]:
     """Every cached utterance of a cache folder: ``audio_hash -> (abs shard path, row, n_frames)``.
 
-    Shards are scanned in name order and the first occurrence wins, so the answer is deterministic
-    even if two shards hold the same audio (two runs that raced on overlapping work).
+    Shards are taken in name order and the first occurrence wins, so the answer is deterministic
+    even if two shards hold the same audio (two runs that raced on overlapping work). Only shards
+    that ``_lookup.parquet`` does not cover are opened; the file is then rewritten (atomically).
     """
     cache_dir = Path(cache_dir)
     out: dict[str, tuple[str, int, int]] = {}
     if not cache_dir.exists():
         return out
-    for shard in sorted(cache_dir.glob(f"{SHARD_PREFIX}*.parquet")):
-        t = pq.read_table(shard, columns=["audio_hash", "n_frames"])
-        path = str(shard)
-        for row, (h, n) in enumerate(
-            zip(t.column("audio_hash").to_pylist(), t.column("n_frames").to_pylist(), strict=True)
-        ):
-            out.setdefault(h, (path, row, int(n)))
+    on_disk = sorted(p.name for p in cache_dir.glob(f"{SHARD_PREFIX}*.parquet"))
+    known = _read_lookup(cache_dir / LOOKUP_NAME)
+    parts: list[pa.Table] = []
+    covered: set[str] = set()
+    if known is not None and known.num_rows:
+        keep = pc.is_in(known.column("shard"), value_set=pa.array(on_disk, pa.string()))
+        known_kept = known.filter(keep)
+        covered = set(pc.unique(known.column("shard")).to_pylist())
+        parts.append(known_kept)
+    new = [name for name in on_disk if name not in covered]
+    for name in new:
+        t = pq.read_table(cache_dir / name, columns=["audio_hash", "n_frames"])
+        parts.append(
+            pa.table(
+                {
+                    "audio_hash": t.column("audio_hash"),
+                    "shard": pa.array([name] * t.num_rows, pa.string()),
+                    "row": pa.array(np.arange(t.num_rows), pa.int64()),
+                    "n_frames": t.column("n_frames").cast(pa.int64()),
+                }
+            ).cast(_LOOKUP_SCHEMA)
+        )
+    if not parts:
+        return out
+    table = pa.concat_tables(parts).sort_by([("shard", "ascending"), ("row", "ascending")])
+    if new or (known is not None and table.num_rows != known.num_rows):
+        tmp = cache_dir / f".tmp-{LOOKUP_NAME}.{uuid.uuid4().hex}"
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, cache_dir / LOOKUP_NAME)
+        except OSError as e:  # only a derived copy
+            tmp.unlink(missing_ok=True)
+            log.warning("feature cache: could not write %s: %s", cache_dir / LOOKUP_NAME, e)
+    base = str(cache_dir)
+    for h, shard, row, n in zip(
+        table.column("audio_hash").to_pylist(),
+        table.column("shard").to_pylist(),
+        table.column("row").to_pylist(),
+        table.column("n_frames").to_pylist(),
+        strict=True,
+    ):
+        if h not in out:
+            out[h] = (os.path.join(base, shard), int(row), int(n))
     return out
 
 

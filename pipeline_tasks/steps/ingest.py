@@ -10,13 +10,15 @@ URL: ``file://``, ``memory://``, ``s3://``…; NeMo fields ``audio_filepath``, `
    that leaves the landing zone (``../``, absolute paths elsewhere, symlinks out of it);
 2. decodes the audio on all cores (a process pool), downmixes, resamples to 16 kHz
    (8 kHz and 44.1 kHz stereo are resampled, not rejected), checks the declared
-   duration against the decoded one, and stores it as FLAC in the content-addressed
-   raw store ``<workspace>/raw/<h[:2]>/<h>.flac`` (``h`` = sha256 of the int16 PCM;
-   an existing file is never rewritten);
+   duration against the decoded one, and stores it as FLAC in the batch's content-addressed
+   raw store ``<workspace>/raw/<batch>/<h[:2]>/<h>.flac`` (``h`` = sha256 of the int16 PCM;
+   an existing file is never rewritten; a workspace made before per-batch folders keeps
+   ``raw/<h[:2]>/<h>.flac``);
 3. merges the new rows into the cumulative manifest ``<workspace>/manifests/utterances.parquet``
    (every utterance ingested so far, one row per id), then ``dvc add`` / git commit /
    tag ``snapshot-<md5[:12]>`` / ``dvc push`` — all under the workspace lock, so a
-   concurrent ingest waits and then merges on top;
+   concurrent ingest waits and then merges on top. Each ``raw/<batch>`` is its own DVC
+   output: only the batches this run wrote to are added and pushed;
 4. writes ``manifest.parquet`` (a copy of the cumulative manifest) and
    ``quarantine.parquet`` (every landing row that could not be ingested, with a machine
    ``reason`` and readable ``message``) into the step output.
@@ -47,7 +49,16 @@ Why this shape: the step key hashes the landing zone's *content* (manifest bytes
 file's content hash), the ingest config and the workspace location, never a time, so a
 rerun on the same landing zone returns the cached result; and if the cache is gone the
 workspace dedup (ids already present with the same audio and text are not new) makes
-the rerun create no new commit, no new tag and no duplicate rows. A bad row never stops
+the rerun create no new commit, no new tag and no duplicate rows.
+
+Cost that follows the new data, not the history (issue 18): a landing manifest whose folder's
+files all have the content hashes recorded when its rows were last ingested in full (none
+quarantined; ``manifests/landed.json``, versioned with the manifest) is not parsed again, and
+rows ingested before from the same bytes are not decoded again (``manifests/sources.parquet``).
+An id in a new manifest that was ingested from such a manifest is a ``duplicate_id``: the first
+manifest ingested keeps it. What still grows with the history, and why: the landing zone is
+listed and stat'ed every run (the step key must see a changed file), and the cumulative manifest
+is read and rewritten (one Parquet file; ~0.1 s per 100,000 rows). A bad row never stops
 the batch: it is quarantined (a copy of the offending file or manifest line goes to
 ``paths.quarantine_dir/<batch>/``; the source is never moved or deleted).
 """
@@ -65,6 +76,7 @@ import shutil
 import stat
 import time
 import uuid
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -83,9 +95,22 @@ from data_contracts.schema import QUARANTINE_SCHEMA, UTTERANCE_SCHEMA, conform
 from model_code.audio import AudioDecodeError, load_audio, pcm16_hash, write_flac
 from model_code.text import TextRejected
 from pipeline_tasks.config import AsrflowConfig
-from pipeline_tasks.contract import file_md5, run_step, sha256_hex, step_key, write_json_atomic
+from pipeline_tasks.contract import (
+    canonical_json,
+    file_md5,
+    run_step,
+    sha256_hex,
+    step_key,
+    write_json_atomic,
+)
 from pipeline_tasks.records import IngestResult, StepInputs
-from pipeline_tasks.services.dvc_store import MANIFEST_DIR, MANIFEST_REL, RAW_DIR, DataWorkspace
+from pipeline_tasks.services.dvc_store import (
+    MANIFEST_DIR,
+    MANIFEST_REL,
+    RAW_DIR,
+    DataWorkspace,
+    raw_batch_dir,
+)
 from pipeline_tasks.services.manifests import ManifestLine, batch_of, iter_lines, parse_lines
 
 log = logging.getLogger(__name__)
@@ -94,7 +119,14 @@ STEP = "ingest"
 # 2: one numpy resampler (model_code.audio.resample) for ingest, golden and serving
 # 3: header caps before decoding, duplicate_audio, manifest_bad_row for any row that crashes a check
 # 4: manifests/sources.parquet; rows ingested before from the same landing bytes are not decoded again
-CODE_VERSION = "4"
+# 5: raw/<batch>/ DVC outputs, manifests/landed.json (unchanged manifests are not parsed again)
+CODE_VERSION = "5"
+# what decoding produces (sources.parquet records it: a change re-decodes every row once)
+DECODER_VERSION = "4"
+# landing manifest (relative path) -> signature of its folder's files when all its rows were ingested
+LANDED_REL = f"{MANIFEST_DIR}/landed.json"
+# raw/<batch> folders an interrupted run may have written to but not added (under .dvc/tmp: not committed)
+PENDING_REL = ".dvc/tmp/asrflow-ingest-pending.json"
 
 # id -> the landing bytes it was decoded from (content hash), its audio hash and the decoder version:
 # a later run skips an id whose landing file has the same content hash, without decoding it again
@@ -430,7 +462,8 @@ def decode_item(task: dict[str, Any]) -> dict[str, Any]:
     """Decode one audio file, check its duration, store it as FLAC in the raw store.
 
     ``task``: ``src`` (local path or bytes), ``declared`` (seconds or None), ``target_sr``,
-    ``workspace``, ``tol_s``, ``tol_ratio``, ``caps`` (``load_audio``'s ``max_*`` header caps).
+    ``workspace``, ``raw_dir`` (the store folder inside it, default ``raw``), ``tol_s``, ``tol_ratio``,
+    ``caps`` (``load_audio``'s ``max_*`` header caps).
     Returns ``{"ok": True, ...metadata}`` or ``{"ok": False, "reason", "message"}``; never raises
     for bad audio.
     """
@@ -458,7 +491,7 @@ def decode_item(task: dict[str, Any]) -> dict[str, Any]:
                 "message": f"declared duration {declared:.3f}s but the audio is {duration:.3f}s (tolerance {tol:.3f}s)",
             }
     h = pcm16_hash(wave)
-    rel = f"{RAW_DIR}/{h[:2]}/{h}.flac"
+    rel = f"{task.get('raw_dir') or RAW_DIR}/{h[:2]}/{h}.flac"
     dest = Path(task["workspace"]) / rel
     stored = False
     if not dest.exists():
@@ -577,7 +610,9 @@ def _decode_pool(
     return results
 
 
-def _decode_all(landing: Landing, rows: list[Row], cfg: AsrflowConfig, workspace: Path) -> None:
+def _decode_all(
+    landing: Landing, rows: list[Row], cfg: AsrflowConfig, workspace: Path, raw_dir: Callable[[str], str]
+) -> None:
     todo = [r for r in rows if r.reason is None and not r.skipped]
     ic = cfg.ingest
     max_bytes = int(ic.max_decoded_mb * 2**20)
@@ -604,6 +639,7 @@ def _decode_all(landing: Landing, rows: list[Row], cfg: AsrflowConfig, workspace
             "declared": r.declared_duration,
             "target_sr": ic.target_sample_rate,
             "workspace": str(workspace),
+            "raw_dir": raw_dir(r.batch),
             "tol_s": ic.max_duration_mismatch_s,
             "tol_ratio": ic.max_duration_mismatch_ratio,
             "caps": caps,
@@ -875,10 +911,82 @@ def _update_sources(
 # ---------------------------------------------------------------------------------
 
 
+def _folder_signature(keys: list[str], content_ids: dict[str, str], folder: str) -> str | None:
+    """sha256 over (relative path, content hash) of every landing file under ``folder`` (``keys``:
+    the sorted relative paths); ``None`` for the landing root or when a content hash is not stable
+    (an unreadable file, a dangling link...): such a folder's manifests are always parsed."""
+    if folder in ("", "."):
+        return None
+    lo, hi = bisect_left(keys, folder + "/"), bisect_left(keys, folder + "0")  # "0" follows "/"
+    items = [(k, content_ids[k]) for k in keys[lo:hi]]
+    if any(cid.startswith(_UNSTABLE_CONTENT_IDS) for _, cid in items):
+        return None
+    return sha256_hex(json.dumps(items))
+
+
+def _read_landed(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or damaged: every manifest is parsed (only an optimisation)
+        return {}
+    man = data.get("manifests") if isinstance(data, dict) else None
+    return {k: v for k, v in man.items() if isinstance(v, dict)} if isinstance(man, dict) else {}
+
+
+def _landed_entries(
+    landing: Landing, manifests: list[str], rows: list[Row], sigs: dict[str, str | None],
+    landed: dict[str, dict[str, Any]], kept: dict[str, dict[str, Any]], parse_key: str,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The ledger after this run. A parsed manifest gets an entry when every row of it is in the
+    manifest now (none quarantined) and all its audio lies in its own folder (so the folder
+    signature covers every byte its rows came from), else loses its entry. Entries of manifests
+    not parsed stay, also when a batch was archived out of the landing zone: its rows stay in the
+    manifest, and a ledger that followed the landing zone would change the snapshot with no data."""
+    by_manifest: dict[str, list[Row]] = {}
+    for r in rows:
+        by_manifest.setdefault(landing.rel(r.manifest_path), []).append(r)
+    out = dict(landed)
+    for m in manifests:
+        rel = landing.rel(m)
+        if rel in kept:
+            continue
+        rs, sig, folder = by_manifest.get(rel, []), sigs.get(rel), posixpath.dirname(rel)
+        if sig and rs and all(
+            r.reason is None and r.audio_full is not None and landing.rel(r.audio_full).startswith(folder + "/")
+            for r in rs
+        ):
+            out[rel] = {"signature": sig, "parse": parse_key, "rows": len(rs)}
+        else:
+            out.pop(rel, None)
+    return dict(sorted(out.items()))
+
+
+def _drop_orphans(rows: list[Row], table: pa.Table, ws: Path) -> int:
+    """Delete raw files this run stored for rows that were then rejected (``duplicate_audio``,
+    ``duplicate_id``) and that no manifest row points to, so the store holds only referenced audio."""
+    cand = {r.decoded["audio_path"] for r in rows if r.reason is not None and r.decoded and r.decoded.get("stored")}
+    if not cand:
+        return 0
+    used = {x["audio_path"] for x in _candidates(table, "audio_path", cand, ["audio_path"])}
+    n = 0
+    for rel in sorted(cand - used):
+        f = ws / rel
+        if f.exists():
+            f.unlink()
+            n += 1
+            for d in (f.parent, f.parent.parent):  # raw/<batch>/<h[:2]>, raw/<batch>: when left empty
+                if d != ws / RAW_DIR and d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+    return n
+
+
 def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path, fingerprint_s: float = 0.0) -> dict[str, Any]:
     t0 = time.monotonic()
     ic = cfg.ingest
-    decoder = f"{CODE_VERSION}:{ic.target_sample_rate}"
+    decoder = f"{DECODER_VERSION}:{ic.target_sample_rate}"
+    parse_key = sha256_hex(canonical_json(
+        {"text": ic.text, "max_line": ic.max_manifest_line_bytes, "decoder": decoder, "code": CODE_VERSION}
+    ))[:16]  # fmt: skip
     ws = DataWorkspace(cfg.paths.data_workspace, cfg.paths.dvc_remote)
     manifests = landing.manifests(ic.manifest_glob)
     log.info("ingest: %d manifest(s) in %s", len(manifests), landing.url)
@@ -887,33 +995,66 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path, fin
         raise LandingError(f"no manifests matching {ic.manifest_glob!r} in the landing zone {landing.url!r}")
 
     timings: dict[str, float] = {"fingerprint_s": fingerprint_s}
-    rows: list[Row] = []
-    for m in manifests:
-        rows.extend(_parse_manifest(landing, m, ic.text, ic.max_manifest_line_bytes))
-    # the same id twice in the landing zone: the first occurrence wins
-    seen: dict[str, str] = {}
-    for r in rows:
-        if r.reason is None and r.id is not None:
-            if r.id in seen:
-                r.reject("duplicate_id", f"id {r.id!r} already appears at {seen[r.id]}")
-            else:
-                seen[r.id] = r.source
-
-    timings["parse_s"] = time.monotonic() - t0
     t_wait = time.monotonic()
     with ws.lock(ic.lock_timeout_s):
         timings["lock_wait_s"] = time.monotonic() - t_wait
+        t1 = time.monotonic()
         ws.ensure()
         (ws.path / RAW_DIR).mkdir(exist_ok=True)
-        t1 = time.monotonic()
+        legacy = ws.legacy_raw()
+
+        def raw_dir(batch: str) -> str:
+            return RAW_DIR if legacy else raw_batch_dir(batch)
+
         manifest_path = ws.path / MANIFEST_REL
         sources_path = ws.path / SOURCES_REL
         existing_table = read_manifest(manifest_path) if manifest_path.exists() else None
+        landed = _read_landed(ws.path / LANDED_REL) if existing_table is not None else {}
+        keys = sorted(landing.content_ids)
+        sigs: dict[str, str | None] = {}
+        kept: dict[str, dict[str, Any]] = {}  # manifests not parsed: unchanged since fully ingested
+        rows: list[Row] = []
+        for m in manifests:
+            rel = landing.rel(m)
+            sigs[rel] = sig = _folder_signature(keys, landing.content_ids, posixpath.dirname(rel))
+            entry = landed.get(rel)
+            if sig and entry and entry.get("signature") == sig and entry.get("parse") == parse_key:
+                kept[rel] = entry
+                continue
+            rows.extend(_parse_manifest(landing, m, ic.text, ic.max_manifest_line_bytes))
+        # the same id twice in the landing zone: the first occurrence wins
+        seen: dict[str, str] = {}
+        for r in rows:
+            if r.reason is None and r.id is not None:
+                if r.id in seen:
+                    r.reject("duplicate_id", f"id {r.id!r} already appears at {seen[r.id]}")
+                else:
+                    seen[r.id] = r.source
+        if kept:  # ... and an id of a manifest that was not parsed again: that one was ingested first
+            prior = {
+                rec["id"]: rec["source"]
+                for rec in _candidates(existing_table, "id", set(seen), ["id", "source"])
+                if rec["source"].rpartition(":")[0] in kept
+            }
+            for r in rows:
+                if r.reason is None and r.id in prior:
+                    r.reject("duplicate_id", f"id {r.id!r} already appears at {prior[r.id]}")
+        timings["parse_s"] = time.monotonic() - t1
+
+        t1 = time.monotonic()
         sources = _read_sources(sources_path)
         n_skipped = _skip_known(landing, rows, existing_table, sources, decoder, ws.path)
         timings["skip_s"] = time.monotonic() - t1
         t1 = time.monotonic()
-        _decode_all(landing, rows, cfg, ws.path)
+        pending_file = ws.path / PENDING_REL
+        try:
+            pending = set(json.loads(pending_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            pending = set()
+        touched = {raw_dir(r.batch) for r in rows if r.reason is None and not r.skipped}
+        if not legacy and touched - pending:  # so a run killed after decoding still adds them next time
+            write_json_atomic(pending_file, sorted(pending | touched))
+        _decode_all(landing, rows, cfg, ws.path, raw_dir)
         timings["decode_s"] = time.monotonic() - t1
         t1 = time.monotonic()
         table, n_new = _merge(existing_table, rows, cfg.validate_.max_train_duration_s, ic.target_sample_rate)
@@ -922,21 +1063,31 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path, fin
         new_sources = _update_sources(landing, sources, rows, table, decoder)
         if sources is None or not sources.equals(new_sources):
             _write_parquet_atomic(new_sources, sources_path)
+        new_landed = _landed_entries(landing, manifests, rows, sigs, landed, kept, parse_key)
+        if new_landed != landed or not (ws.path / LANDED_REL).exists():
+            write_json_atomic(ws.path / LANDED_REL, {"version": 1, "manifests": new_landed})
+        n_orphans = _drop_orphans(rows, table, ws.path)
         timings["merge_s"] = time.monotonic() - t1
         t1 = time.monotonic()
         head_before = ws.head()
-        md5s = ws.add([RAW_DIR, MANIFEST_DIR])
+        if legacy:
+            ws.add([RAW_DIR, MANIFEST_DIR])
+        else:
+            changed = sorted(d for d in pending | touched if (ws.path / d).is_dir() and any((ws.path / d).iterdir()))
+            ws.add([*changed, MANIFEST_DIR])
+        outputs = [*ws.raw_outputs(), MANIFEST_DIR]
         timings["dvc_add_s"] = time.monotonic() - t1
         t1 = time.monotonic()
-        snapshot_md5 = hashlib.md5(f"{RAW_DIR}:{md5s[RAW_DIR]}\n{MANIFEST_DIR}:{md5s[MANIFEST_DIR]}".encode()).hexdigest()
+        snapshot_md5 = ws.snapshot_md5(outputs)
         tag = f"snapshot-{snapshot_md5[:12]}"
-        batches = sorted({r.batch for r in rows})
+        batches = sorted({r.batch for r in rows} | {batch_of(rel, landing.root) for rel in kept})
         ws.commit_tag_push(
-            [RAW_DIR, MANIFEST_DIR],
+            outputs,
             f"ingest: snapshot {snapshot_md5[:12]} ({n_new} new rows; batches {', '.join(batches) or '-'})",
             tag=tag,
             push=ic.dvc_push,
         )
+        pending_file.unlink(missing_ok=True)
         commit = ws.head()
         timings["dvc_commit_push_s"] = time.monotonic() - t1
         shutil.copyfile(manifest_path, tmp / "manifest.parquet")
@@ -958,8 +1109,10 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path, fin
         "new_commit": commit != head_before,
         "n_rows": table.num_rows,
         "n_new": n_new,
-        "n_landing_rows": len(rows),
+        "n_landing_rows": len(rows) + sum(int(e.get("rows") or 0) for e in kept.values()),
         "n_skipped": n_skipped,  # ingested before from the same landing bytes: not decoded again
+        "n_manifests_unchanged": len(kept),  # fully ingested before and unchanged: not parsed again
+        "n_orphans_removed": n_orphans,
         "quarantine": "quarantine.parquet",
         "n_quarantined": len(bad),
         "quarantine_reasons": reasons,

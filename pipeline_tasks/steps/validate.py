@@ -9,6 +9,11 @@ What: takes ingest's cumulative manifest and quarantine table, and
    back by id (GX ``unexpected_index_list``) and quarantined with ``stage="validate"``, the
    reason of the first failing expectation and a message listing every failure; a copy of
    the stored FLAC goes to ``paths.quarantine_dir/<batch>/``.
+   A row that passed the same suite and limits before with the same values (id, audio hash and
+   path, sample count and rate, duration, text) is not checked again (issue 18: a week checks
+   its new rows, not the history; ``<root>/validate/.row-verdicts/``, only passes are kept,
+   delete the folder to check every row again). The raw store is written once and DVC-protected,
+   so a stored FLAC does not change under a row that passed.
 2. marks long-form rows (``duration_s > validate.max_train_duration_s``): kept with
    ``long_form=True`` for long-form evaluation, never trained on, never quarantined.
 3. checks every landing batch (``week-001``…) against the batch-level suite: enough accepted
@@ -38,6 +43,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -147,6 +153,35 @@ def _batch_summary(acc: pd.DataFrame, n_q_ingest: int, n_q_validate: int) -> dic
 
 
 VERDICTS_DIR = ".batch-verdicts"
+ROW_VERDICTS_DIR = ".row-verdicts"
+# what the row suite reads of a manifest row: a row with the same values passed before passes again
+ROW_KEY_COLUMNS = ["id", "audio_hash", "audio_path", "num_samples", "sample_rate", "duration_s", "text"]
+
+
+def _row_hashes(df: pd.DataFrame) -> np.ndarray:
+    """One 64-bit hash per row over :data:`ROW_KEY_COLUMNS` (vectorized)."""
+    return pd.util.hash_pandas_object(df[ROW_KEY_COLUMNS], index=False).to_numpy(dtype=np.uint64)
+
+
+def _passed_rows(path: Path | None) -> np.ndarray:
+    if path is None or not path.exists():
+        return np.empty(0, dtype=np.uint64)
+    try:
+        return pq.read_table(path).column("row_hash").to_numpy().astype(np.uint64)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:  # only a cache: check every row
+        log.warning("validate: ignoring unreadable %s (%s); every row is checked", path, e)
+        return np.empty(0, dtype=np.uint64)
+
+
+def _remember_passed(path: Path, hashes: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex}")
+    try:
+        pq.write_table(pa.table({"row_hash": pa.array(np.unique(hashes), pa.uint64())}), tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # only a cache
+        tmp.unlink(missing_ok=True)
+        log.warning("validate: could not remember the rows that passed: %s", e)
 
 
 def _batch_failures(runner: ContractRunner, frame: pd.DataFrame, batch: str, cache: Path | None, salt: str) -> list[dict]:
@@ -183,10 +218,20 @@ def _work(cfg: AsrflowConfig, ing: dict[str, Any], key: str, tmp: Path) -> dict[
     limits = limits_from_config(cfg)
     runner = ContractRunner(limits, docs_dir=tmp / "data_docs")
 
-    # 1. row level
-    df = row_frame(manifest, workspace)
-    failures, _ = runner.validate_rows(df) if len(df) else ({}, None)
-    rejected = df["id"].astype(str).isin(failures)
+    # 1. row level: rows that passed this suite before with the same values are not checked again
+    # (issue 18: a week checks its new rows, not the history; the raw store is written once)
+    salt = sha256_hex(canonical_json({"limits": limits.as_dict(), "suites": SUITES_VERSION, "code": CODE_VERSION}))
+    passed_file = Path(cfg.root) / STEP / ROW_VERDICTS_DIR / f"{salt[:16]}.parquet"
+    df = manifest.to_pandas()
+    hashes = _row_hashes(df) if len(df) else np.empty(0, dtype=np.uint64)
+    passed_before = _passed_rows(passed_file)
+    known = np.isin(hashes, passed_before)
+    checked = row_frame(manifest.filter(pa.array(~known)), workspace) if (~known).any() else df.iloc[0:0]
+    failures, _ = runner.validate_rows(checked) if len(checked) else ({}, None)
+    rejected = df["id"].astype(str).isin(failures) & ~known
+    newly_passed = hashes[~known & ~rejected.to_numpy()]
+    if len(newly_passed):
+        _remember_passed(passed_file, np.concatenate([passed_before, newly_passed]))
     qdir = Path(cfg.paths.quarantine_dir)
     q_recs = []
     for rec in df[rejected].to_dict("records"):
@@ -221,7 +266,6 @@ def _work(cfg: AsrflowConfig, ing: dict[str, Any], key: str, tmp: Path) -> dict[
     summaries: dict[str, Any] = {}
     batch_failures: list[dict[str, Any]] = []
     verdicts = Path(cfg.root) / STEP / VERDICTS_DIR
-    salt = sha256_hex(canonical_json({"limits": limits.as_dict(), "suites": SUITES_VERSION, "code": CODE_VERSION}))
     by_batch = dict(tuple(acc_df.groupby("batch", sort=False))) if len(acc_df) else {}
     for b in batches:
         acc_b = by_batch.get(b, acc_df.iloc[0:0])
@@ -240,6 +284,7 @@ def _work(cfg: AsrflowConfig, ing: dict[str, Any], key: str, tmp: Path) -> dict[
         "success": not batch_failures,
         "limits": limits.as_dict(),
         "n_rows": len(df),
+        "n_rows_checked": len(checked),  # the others passed this suite before with the same values
         "n_accepted": accepted.num_rows,
         "n_quarantined_validate": len(q_recs),
         "n_quarantined_ingest": ing_q.num_rows,
@@ -282,6 +327,7 @@ def _work(cfg: AsrflowConfig, ing: dict[str, Any], key: str, tmp: Path) -> dict[
         "n_quarantined": quarantine.num_rows,
         "n_quarantined_validate": len(q_recs),
         "n_long_form": summary["n_long_form"],
+        "n_rows_checked": len(checked),
         "report_html": "data_docs/index.html",
         "summary": "summary.json",
         "snapshot_md5": ing.get("snapshot_md5"),

@@ -189,3 +189,47 @@ def test_speed_copies_are_cached_once_as_their_own_shards_and_stay_incremental(c
     assert r2["n_computed_by_speed"] == {"0.9": 3, "1": 3, "1.1": 3} and r2["n_utts"] == 13
     after = {p: p.stat().st_mtime_ns for p in (cfg.root / "feature_cache").rglob("shard-*.parquet")}
     assert {p: after[p] for p in mtimes} == mtimes and len(after) == len(mtimes) + 3
+
+
+def test_cache_lookup_opens_only_shards_it_has_not_seen(cfg, tmp_path, monkeypatch):
+    """Issue 18: a week's lookup does not open every shard of the history; ``_lookup.parquet`` is
+    a derived copy (a shard gone from disk drops out, a damaged copy is rebuilt, same answer)."""
+    from pipeline_tasks.services import feature_cache as fc
+
+    rows = make_rows(_ws(cfg), [f"u{i:03d}" for i in range(18)])
+    r1 = featurize.run(cfg, {"validate": write_validate_result(tmp_path / "v1", rows)})
+    cdir = cfg.root / "feature_cache" / r1["feature_hash"]
+    full = fc.cache_lookup(cdir)
+    assert len(full) == 18 and (cdir / fc.LOOKUP_NAME).exists()
+    opened: list[str] = []
+    real = pq.read_table
+
+    def counting(path, *a, **k):
+        opened.append(os.path.basename(str(path)))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(fc.pq, "read_table", counting)
+    assert fc.cache_lookup(cdir) == full and opened == [fc.LOOKUP_NAME]
+
+    # a new week's shard: only it is opened besides the lookup file
+    more = make_rows(_ws(cfg), [f"w2-{i}" for i in range(3)], batch="week-002")
+    monkeypatch.setattr(fc.pq, "read_table", real)
+    shards = featurize.plan(cfg, {"validate": write_validate_result(tmp_path / "v2", rows + more)})
+    featurize.compute_shards(shards, jobs=1)
+    assert len(shards) == 1
+    monkeypatch.setattr(fc.pq, "read_table", counting)
+    opened.clear()
+    after = fc.cache_lookup(cdir)
+    assert len(after) == 21 and opened == [fc.LOOKUP_NAME, shards[0]["name"]]
+    opened.clear()
+    assert fc.cache_lookup(cdir) == after and opened == [fc.LOOKUP_NAME]
+
+    (cdir / fc.LOOKUP_NAME).unlink()
+    monkeypatch.setattr(fc.pq, "read_table", real)
+    assert fc.cache_lookup(cdir) == after  # rebuilt from the shards: the same answer
+    gone = sorted(cdir.glob("shard-*.parquet"))[0]
+    lost = {h for h, v in after.items() if v[0] == str(gone)}
+    gone.unlink()
+    assert set(fc.cache_lookup(cdir)) == set(after) - lost and lost
+    (cdir / fc.LOOKUP_NAME).write_bytes(b"not parquet")
+    assert set(fc.cache_lookup(cdir)) == set(after) - lost

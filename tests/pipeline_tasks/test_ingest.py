@@ -62,7 +62,7 @@ def test_bad_batch_each_row_gets_its_reason_and_good_rows_survive(tmp_path):
     ws = Path(res["workspace"])
     for r in rows.values():
         assert r["sample_rate"] == 16000
-        assert r["audio_path"] == f"raw/{r['audio_hash'][:2]}/{r['audio_hash']}.flac"
+        assert r["audio_path"] == f"raw/{r['batch']}/{r['audio_hash'][:2]}/{r['audio_hash']}.flac"
         info = sf.info(str(ws / r["audio_path"]))
         assert (info.samplerate, info.channels, info.frames) == (16000, 1, r["num_samples"])
 
