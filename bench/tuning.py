@@ -26,6 +26,8 @@ needs the upstream pipeline steps, slow).
 
     .venv/bin/python bench/tuning.py                       # surrogate, 5 seeds
     .venv/bin/python bench/tuning.py --mode real --profile local --trials 6 --epochs 3
+    .venv/bin/python bench/tuning.py --mode real --profile local --trials 9 --epochs 9 \\
+        --root R --landing L --golden G --week 2 --init-from R/train/<week-1 key>/model   # warm trials
 """
 
 from __future__ import annotations
@@ -257,32 +259,64 @@ def surrogate(args) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
+def _real_overrides(args) -> list[str]:
+    """Paths, warm start and the search settings shared by both real studies."""
+    out = [
+        f"tune.n_trials={args.trials}",
+        f"tune.epochs={args.epochs}",
+        f"tune.min_resource={args.min_resource}",
+        f"tune.reduction_factor={args.reduction_factor}",
+        "tune.n_workers=1",
+        "tune.timeout_s=null",
+        "tune.fidelity_check_top_k=0",
+        "tune.enabled=true",
+    ]
+    if args.root:
+        out.append(f"paths.root={args.root}")
+    if args.init_from:
+        out.append(f"train.init_from={args.init_from}")
+    return out
+
+
+def _real_landing(args, overrides: list[str]) -> list[str]:
+    """With ``--landing``: weeks 1..``--week`` there (generated when missing, as `make pipeline-local`
+    does), seen through the week's landing view; the golden set likewise."""
+    if not args.landing:
+        return []
+    from devstack.local_run import landing_view, landing_weeks
+    from synth import corpus
+
+    landing = Path(args.landing)
+    c = load_config(args.profile, overrides).corpus
+    have = landing_weeks(landing)
+    for w in range(1, args.week + 1):
+        if w not in have:
+            corpus.generate_week(landing, week=w, utterances=c.utterances_per_week, seed=c.seed, jobs=c.jobs,
+                                 long_form_share=c.long_form_share, mix=corpus.Mix.from_config(c))  # fmt: skip
+    out = [f"paths.landing_url={landing}"]
+    if args.golden:
+        golden = Path(args.golden)
+        if not (golden / "manifest.jsonl").exists():
+            corpus.generate_golden(golden, utterances=c.golden_utterances, seed=c.seed, jobs=c.jobs)
+        out.append(f"paths.golden_dir={golden}")
+    view = landing_view(load_config(args.profile, [*overrides, *out]), args.week)
+    return [*out[1:], f"paths.landing_url={view}"]
+
+
 def real(args) -> None:
-    """Real ``fit`` trials on the profile's proxy split: the same seed with ASHA and without."""
+    """Real ``fit`` trials on the profile's proxy split: the same seed and trial budget with ASHA and
+    without. With ``--init-from`` (a packaged model folder: weights.pt + model.json, e.g. last
+    week's ``train/<key>/model``) every trial fine-tunes that parent, as the tune step does in a
+    warm week, and dev WER is the metric; from scratch, short trials score on dev loss."""
     from pipeline_tasks.graph import run_until
 
-    base = load_config(
-        args.profile,
-        [
-            f"tune.n_trials={args.trials}",
-            f"tune.epochs={args.epochs}",
-            "tune.n_workers=1",
-            "tune.timeout_s=null",
-        ],
-    )
+    common = _real_overrides(args)
+    common += _real_landing(args, common)
+    base = load_config(args.profile, common)
     inputs = {"split": run_until("split", base)["split"]}
     out = {}
     for pruner in ("none", "asha"):
-        cfg = load_config(
-            args.profile,
-            [
-                f"tune.n_trials={args.trials}",
-                f"tune.epochs={args.epochs}",
-                f"tune.pruner={pruner}",
-                "tune.n_workers=1",
-                "tune.timeout_s=null",
-            ],
-        )
+        cfg = load_config(args.profile, [*common, f"tune.pruner={pruner}"])
         t0 = time.monotonic()
         res = tune.run(cfg, inputs)
         trials = json.loads(tune.resolve(res, res["trials"]).read_text())
@@ -291,19 +325,35 @@ def real(args) -> None:
             for t in sorted(trials, key=lambda t: t["number"])
             if t["state"] in ("COMPLETE", "PRUNED")
         ]
-        out[pruner] = {"records": recs, "wall_s": time.monotonic() - t0, "best": res["best_value"]}
+        out[pruner] = {
+            "records": recs, "wall_s": time.monotonic() - t0, "best": res["best_value"],
+            "metric": res.get("metric"), "warm": res.get("parent"),
+        }  # fmt: skip
     target = out["none"]["best"] + args.tolerance
     e_un, e_as = epochs_to(out["none"]["records"], target), epochs_to(out["asha"]["records"], target)
     print("bench/tuning.py — ASHA vs no pruning (REAL train.fit on the proxy split, one seed)")
+    print(
+        f"profile {args.profile}, week {args.week}, parent {args.init_from or 'none (from scratch)'}; {args.trials} "
+        f"trials each, up to {args.epochs} epochs; ASHA min_resource {args.min_resource}, reduction_factor "
+        f"{args.reduction_factor}; metric {out['none']['metric']}"
+    )
     for k, v in out.items():
+        vals = " ".join(f"{r['value']:.3f}/{r['epochs']}" if r["value"] is not None else f"pruned/{r['epochs']}"
+                        for r in v["records"])  # fmt: skip
         print(
-            f"{k:>5}: best {v['best']:.4f}  trial-epochs {sum(r['epochs'] for r in v['records'])}  wall {v['wall_s']:.0f}s"
+            f"{k:>5}: best {v['best']:.4f}  trial-epochs {sum(r['epochs'] for r in v['records'])}  "
+            f"wall {v['wall_s']:.0f}s  trials (value/epochs): {vals}"
         )
     print(
-        f"epochs to within {args.tolerance} of unpruned best: unpruned {e_un}, asha {e_as}"
-        + (f", speedup {e_un / e_as:.2f}x" if e_as else " (ASHA missed the target)")
+        f"trial-epochs to within {args.tolerance} of the unpruned best: unpruned {e_un}, asha {e_as}"
+        + (f", speedup {e_un / e_as:.2f}x (goal >= 3x)" if e_as else " (ASHA missed the target)")
     )
     print(f"reproduce: .venv/bin/python {CMD}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"cmd": CMD, "target": target, "unpruned_epochs": e_un, "asha_epochs": e_as, **out},
+                       indent=1, default=str) + "\n"  # fmt: skip
+        )
 
 
 def main() -> None:
@@ -322,6 +372,13 @@ def main() -> None:
         "--variants", default="asha:1:3,asha:3:3,hyperband:1:3", help="pruned searches to compare"
     )
     ap.add_argument("--verbose", action="store_true", help="print every seed's row")
+    ap.add_argument("--min-resource", type=int, default=1, help="real mode: ASHA min_resource")
+    ap.add_argument("--reduction-factor", type=int, default=3, help="real mode: ASHA reduction_factor")
+    ap.add_argument("--root", default="", help="real mode: artifact root (default: the profile's)")
+    ap.add_argument("--landing", default="", help="real mode: landing zone with weeks 1..--week (generated if missing)")
+    ap.add_argument("--golden", default="", help="real mode: golden set folder (generated if missing)")
+    ap.add_argument("--week", type=int, default=2, help="real mode: the week whose data the trials tune on")
+    ap.add_argument("--init-from", default="", help="real mode: packaged parent model folder (warm trials)")
     ap.add_argument("--json", default="", help="also write per-seed rows here")
     args = ap.parse_args()
     surrogate(args) if args.mode == "surrogate" else real(args)
