@@ -99,6 +99,21 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_parquet_atomic(table: Any, path: str | os.PathLike[str]) -> None:
+    """Write a pyarrow table to ``path`` via a temp file in the same folder and ``os.replace``; the
+    temp file is removed if the write fails."""
+    import pyarrow.parquet as pq  # not at import time: the DAG files import this module
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _fsync_path(path: Path, directory: bool) -> None:
     fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     try:

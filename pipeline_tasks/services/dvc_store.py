@@ -49,6 +49,8 @@ from pathlib import Path
 import yaml
 from filelock import FileLock, Timeout
 
+from pipeline_tasks.contract import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 REMOTE_NAME = "storage"
@@ -393,10 +395,7 @@ class DataWorkspace:
                 self.dvc("push", "-q", *[f"{p}.dvc" for p in todo])
                 done = {**done, **{p: md5s[p] for p in todo}}
                 record[self.remote] = done
-                (self.path / PUSHED_REL).parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path / f"{PUSHED_REL}.{os.getpid()}"
-                tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-                os.replace(tmp, self.path / PUSHED_REL)
+                write_json_atomic(self.path / PUSHED_REL, record)
             return todo
 
     def add_commit_push(

@@ -66,7 +66,7 @@ from model_code.audio import speed_perturb
 from model_code.feature_store import shard_table
 from model_code.features import feature_hash, feature_kwargs, logmel
 from pipeline_tasks.config import FeatureConfig
-from pipeline_tasks.contract import sha256_hex
+from pipeline_tasks.contract import sha256_hex, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,9 @@ def cache_lookup(cache_dir: str | os.PathLike[str]) -> dict[str, tuple[str, int,
         return out
     table = pa.concat_tables(parts).sort_by([("shard", "ascending"), ("row", "ascending")])
     if new or (known is not None and table.num_rows != known.num_rows):
-        tmp = cache_dir / f".tmp-{LOOKUP_NAME}.{uuid.uuid4().hex}"
         try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, cache_dir / LOOKUP_NAME)
+            write_parquet_atomic(table, cache_dir / LOOKUP_NAME)
         except OSError as e:  # only a derived copy
-            tmp.unlink(missing_ok=True)
             log.warning("feature cache: could not write %s: %s", cache_dir / LOOKUP_NAME, e)
     base = str(cache_dir)
     for h, shard, row, n in zip(

@@ -102,6 +102,7 @@ from pipeline_tasks.contract import (
     sha256_hex,
     step_key,
     write_json_atomic,
+    write_parquet_atomic,
 )
 from pipeline_tasks.records import IngestResult, StepInputs
 from pipeline_tasks.services.dvc_store import (
@@ -742,17 +743,6 @@ def _quarantine_table(rows: list[Row], landing: Landing, qdir: Path, copy: bool)
 # ---------------------------------------------------------------------------------
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def read_manifest(path: str | os.PathLike[str]) -> pa.Table:
     """Read an utterance manifest and conform it to :data:`UTTERANCE_SCHEMA`."""
     return conform(pq.read_table(path), UTTERANCE_SCHEMA)
@@ -1059,10 +1049,10 @@ def _work(cfg: AsrflowConfig, landing: Landing, fingerprint: str, tmp: Path, fin
         t1 = time.monotonic()
         table, n_new = _merge(existing_table, rows, cfg.validate_.max_train_duration_s, ic.target_sample_rate)
         if existing_table is None or not existing_table.equals(table):
-            _write_parquet_atomic(table, manifest_path)
+            write_parquet_atomic(table, manifest_path)
         new_sources = _update_sources(landing, sources, rows, table, decoder)
         if sources is None or not sources.equals(new_sources):
-            _write_parquet_atomic(new_sources, sources_path)
+            write_parquet_atomic(new_sources, sources_path)
         new_landed = _landed_entries(landing, manifests, rows, sigs, landed, kept, parse_key)
         if new_landed != landed or not (ws.path / LANDED_REL).exists():
             write_json_atomic(ws.path / LANDED_REL, {"version": 1, "manifests": new_landed})

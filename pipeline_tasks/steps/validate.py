@@ -67,6 +67,7 @@ from pipeline_tasks.contract import (
     sha256_hex,
     step_key,
     write_json_atomic,
+    write_parquet_atomic,
 )
 from pipeline_tasks.records import StepInputs, ValidateResult
 
@@ -174,13 +175,9 @@ def _passed_rows(path: Path | None) -> np.ndarray:
 
 
 def _remember_passed(path: Path, hashes: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}.{uuid.uuid4().hex}")
     try:
-        pq.write_table(pa.table({"row_hash": pa.array(np.unique(hashes), pa.uint64())}), tmp)
-        os.replace(tmp, path)
+        write_parquet_atomic(pa.table({"row_hash": pa.array(np.unique(hashes), pa.uint64())}), path)
     except OSError as e:  # only a cache
-        tmp.unlink(missing_ok=True)
         log.warning("validate: could not remember the rows that passed: %s", e)
 
 
