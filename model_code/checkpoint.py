@@ -131,7 +131,12 @@ def _fault(point: str) -> None:
 
     Used by the crash/resume tests to kill a run deterministically at an exact place (e.g. half
     way through writing a checkpoint), which an external ``kill -9`` can only hit by chance.
+    ``ASRFLOW_TRAIN_FAULT_ATTEMPT=<n>`` limits it to torchrun's attempt ``n``
+    (``TORCHELASTIC_RESTART_COUNT``), so a restarted worker group runs through.
     """
+    attempt = os.environ.get("ASRFLOW_TRAIN_FAULT_ATTEMPT")
+    if attempt is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != attempt:
+        return
     if os.environ.get("ASRFLOW_TRAIN_FAULT") == point:
         import signal
 

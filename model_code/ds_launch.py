@@ -234,13 +234,26 @@ def node_command(
     ]  # fmt: skip
 
 
-def launch_command(args_path: Path, world_size: int, launcher: str, master_port: int) -> list[str]:
-    """The command line that starts ``world_size`` ranks of :mod:`model_code.ds_launch`."""
+def launch_command(
+    args_path: Path, world_size: int, launcher: str, master_port: int, max_restarts: int = 0
+) -> list[str]:
+    """The command line that starts ``world_size`` ranks of :mod:`model_code.ds_launch`.
+
+    ``max_restarts`` (torchrun only): when a rank dies, torchrun stops the others and starts the
+    whole group again, up to this many times; the ranks resume from the last checkpoint. A rank
+    that aborts inside gloo's connection setup (seen on loaded CI machines) costs one restart
+    instead of the training. DeepSpeed's local launcher has no restarts. torchrun runs
+    ``--standalone`` (a c10d rendezvous on a port it binds itself, no port picked here and
+    lost to a race) with :data:`NODE_LAUNCH_ENV`: with static rendezvous, a restarted group
+    reads the dead group's gloo addresses from the agent's store and hangs in DeepSpeed's
+    ``new_group`` (torch 2.11); without store sharing every round gets a fresh store.
+    ``master_port`` is used by the deepspeed launcher only.
+    """
     if launcher == "torchrun":
         return [
             sys.executable, "-m", "torch.distributed.run",
-            "--nnodes", "1", "--nproc_per_node", str(world_size),
-            "--master_addr", "127.0.0.1", "--master_port", str(master_port),
+            "--standalone", "--nnodes", "1", "--nproc_per_node", str(world_size),
+            "--max-restarts", str(int(max_restarts)), "--monitor-interval", "1",
             "-m", "model_code.ds_launch", "--args", str(args_path),
         ]  # fmt: skip
     if launcher == "deepspeed":
@@ -265,6 +278,7 @@ def launch(
     ranks_dir: str | os.PathLike[str] | None = None,
     before_start: Callable[[], None] | None = None,
     result_wait_s: float = 120.0,
+    max_restarts: int = 0,
 ) -> dict[str, Any]:
     """Run ``args`` (a ``TrainArgs``) on ``world_size`` local processes; wait; return rank 0's result.
 
@@ -282,6 +296,7 @@ def launch(
     arguments file node 0 wrote, log to ``launch-node<i>.log`` and return
     ``{"node_rank", "returncode"}``. ``ranks_dir`` (default: the checkpoint folder) is where
     this launch registers its ranks (one per node, so nodes on one host do not kill each other's).
+    ``max_restarts``: see :func:`launch_command` (multi-node takes ``node["max_restarts"]``).
     """
     out_dir = Path(args.out_dir)
     ranks_dir = Path(ranks_dir or args.checkpoint_dir or args.out_dir)
@@ -300,7 +315,7 @@ def launch(
     if node is not None:
         cmd = node_command(args_path, world_size, node)
     else:
-        cmd = launch_command(args_path, world_size, launcher, _free_port())
+        cmd = launch_command(args_path, world_size, launcher, _free_port(), max_restarts=max_restarts)
     penv = {**os.environ, **(env or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         penv.pop(k, None)  # an in-process run of the parent must not leak its rank into the children
@@ -308,6 +323,7 @@ def launch(
     penv[RANKS_DIR_ENV] = str(ranks_dir)
     if node is not None:
         penv[NODE_ENV] = str(int(node["node_rank"]))
+    if node is not None or launcher == "torchrun":
         penv.update(NODE_LAUNCH_ENV)
     if launcher == "deepspeed":
         penv.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")

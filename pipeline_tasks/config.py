@@ -311,7 +311,7 @@ class TrainConfig(_Section):
     rdzv_host: str = ""  # address the other nodes reach node 0's rendezvous at ("" = node 0's FQDN)
     rdzv_port: int = Field(0, ge=0, le=65535)  # 0 = a free port chosen by node 0 at start
     rdzv_join_timeout_s: float = Field(600.0, gt=0)  # a node that never comes fails the step after this
-    max_restarts: int = Field(3, ge=0)  # torchrun --max-restarts: elastic re-rendezvous after a node died
+    max_restarts: int = Field(3, ge=0)  # torchrun --max-restarts: a dead rank restarts the group from the last checkpoint; multi-node: elastic re-rendezvous
     checkpoint_every_steps: int = Field(200, ge=1)
     checkpoint_every_minutes: float = Field(5.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)

@@ -361,7 +361,7 @@ def fit(
             from model_code.ds_launch import launch
 
             launcher = "torchrun" if cfg.train.launcher in ("inprocess", "pytorchjob") else cfg.train.launcher
-            res = launch(args, world, launcher=launcher, on_event=on_event)
+            res = launch(args, world, launcher=launcher, on_event=on_event, max_restarts=int(cfg.train.max_restarts))
         sink.flush()
         history = res["history"]
         (out_dir / "history.json").write_text(

@@ -456,6 +456,7 @@ def killed_node_run(two_node_run, stack, tiny_landing, tiny_golden):
         ],
     }  # fmt: skip
     ck_root = st.artifact_root / "checkpoints" / "train"
+    earlier = set(ck_root.glob("*"))  # a folder an earlier failed run left is not this run's
     r = st.api("POST", f"/dags/{DAG_ID}/dagRuns", tok, json={"logical_date": None, "conf": conf})
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
@@ -466,15 +467,16 @@ def killed_node_run(two_node_run, stack, tiny_landing, tiny_golden):
         tis = _tis(st, tok, run_id)
         if not kill:
             node1 = next((t for t in tis if t["task_id"] == "train_node" and t["map_index"] == 1), None)
-            latest = [json.loads(p.read_text()) for p in ck_root.glob("*/latest.json")]
-            if node1 and node1["state"] == "running" and node1.get("hostname") and latest and latest[0]["step"] >= 4:
+            latest = [json.loads(p.read_text()) for p in ck_root.glob("*/latest.json") if p.parent not in earlier]
+            ckpt_step = max((int(x["step"]) for x in latest), default=0)
+            if node1 and node1["state"] == "running" and node1.get("hostname") and ckpt_step >= 4:
                 worker = node1["hostname"]
                 # the node dies: its Celery worker and the task runner, which Airflow puts in a
                 # process group of its own (the launcher follows it: parent-death signal)
                 st.kill(f"worker-{worker}", signal.SIGKILL)
                 with contextlib.suppress(ProcessLookupError, TypeError):
                     os.killpg(os.getpgid(int(node1["pid"])), signal.SIGKILL)
-                kill = {"worker": worker, "try_number": node1["try_number"], "ckpt_step": latest[0]["step"],
+                kill = {"worker": worker, "try_number": node1["try_number"], "ckpt_step": ckpt_step,
                         "at_s": time.monotonic() - t0}  # fmt: skip
                 print(f"killed GPU worker {worker} while it ran train_node[1]: {kill}", flush=True)
                 st.start_worker("gpu-3", "gpu")  # a replacement GPU worker for the retry
@@ -492,7 +494,10 @@ def killed_node_run(two_node_run, stack, tiny_landing, tiny_golden):
 
 def test_a_node_killed_mid_training_is_replaced_and_training_resumes(killed_node_run, stack):
     kill = killed_node_run["kill"]
-    assert kill, "train_node[1] was never seen running after a checkpoint: the fault was not injected"
+    assert kill, (
+        "train_node[1] was never seen running after a checkpoint: the fault was not injected; "
+        f"run {killed_node_run['state']}\n{killed_node_run['failure']}"
+    )
     assert killed_node_run["state"] == "success", killed_node_run["failure"]
     tis = killed_node_run["tis"]
     n0, n1 = _by_task(tis, "train_node")

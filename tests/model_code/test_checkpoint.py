@@ -94,3 +94,17 @@ def test_world_size_2_ranks_see_disjoint_batches_and_end_identical(tmp_path, lau
         "trainer_rank0.json",
         "trainer_rank1.json",
     }
+
+
+def test_a_rank_that_dies_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
+    # both ranks SIGKILL themselves after step 4 of the first attempt only; torchrun restarts the
+    # group (max_restarts=1) and the ranks resume from the step-3 checkpoint
+    kw = dict(epochs=1, num_workers=1, checkpoint_every_steps=3)
+    ref = launch(tiny_args(tmp_path / "ref", checkpoint_dir=str(tmp_path / "ref" / "ck"), **kw), 2, poll_s=0.5)
+    args = tiny_args(tmp_path / "crash", checkpoint_dir=str(tmp_path / "crash" / "ck"), **kw)
+    env = {"ASRFLOW_TRAIN_FAULT": "after_step:4", "ASRFLOW_TRAIN_FAULT_ATTEMPT": "0"}
+    res = launch(args, 2, env=env, poll_s=0.5, max_restarts=1)
+    events = [json.loads(x) for x in (tmp_path / "crash" / "out" / "events.jsonl").read_text().splitlines()]
+    assert [e["resumed_from"] for e in events if e["type"] == "start"] == [None, 3]
+    assert res["steps"] == ref["steps"] > 4
+    assert res["params_sha256"] == ref["params_sha256"]  # the restart changed nothing
