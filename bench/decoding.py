@@ -14,6 +14,7 @@ computed once (torch, from the cached features), then decoded several ways:
 Printed: WER/CER on dev and golden, golden WER per synthesizer, the golden out-of-lexicon rate,
 and the command that reproduces it.
 
+    .venv/bin/python bench/decoding.py                     # the local profile's root: newest train/*/model
     .venv/bin/python bench/decoding.py --root R            # R/train/<newest>/model, R/split, R/golden
     .venv/bin/python bench/decoding.py --model M --root R --json bench/results/decoding.json
 """
@@ -68,7 +69,7 @@ def logprobs(model, index: Path) -> list[tuple[str, str, object]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", required=True, help="artifact root with train/, split/ and golden/")
+    ap.add_argument("--root", default="", help="artifact root with train/, split/ and golden/ (default: the profile's)")
     ap.add_argument("--model", default="", help="model folder (default: the newest <root>/train/*/model)")
     ap.add_argument("--profile", default="local")
     ap.add_argument("--lm-weights", default="0.3,0.5,0.8,1.2,1.6")
@@ -86,7 +87,10 @@ def main() -> int:
     from pipeline_tasks.config import load_config
 
     torch.set_num_threads(1)
-    root = Path(args.root)
+    root = Path(args.root or load_config(args.profile).paths.root)
+    if not args.model and not any(root.glob("train/*/model/weights.pt")):
+        print(f"bench/decoding.py: skipped, no trained model under {root} (run `make pipeline-local` first)")
+        return 0
     mdir = Path(args.model) if args.model else _newest("train/*/model", root)
     model, tok, info = load_model_dir(mdir)
     dev = logprobs(model, _newest("split/*/dev.parquet", root))
