@@ -44,26 +44,17 @@ def _newest(pattern: str, root: Path) -> Path:
 
 def logprobs(model, index: Path) -> list[tuple[str, str, object]]:
     """(id, reference text, (T', V) log-probs) per row of a feature index, in index order."""
-    import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
-    from model_code.feature_store import read_shard_features
+    from model_code.dataset import FeatureTable
 
-    rows = pq.read_table(index, columns=["id", "text", "shard", "row"]).to_pylist()
-    by_shard: dict[str, list[dict]] = {}
-    for r in rows:
-        by_shard.setdefault(r["shard"], []).append(r)
-    feats = {}
-    for shard, rs in by_shard.items():
-        got = read_shard_features(shard, [r["row"] for r in rs])
-        feats.update({r["id"]: got[r["row"]] for r in rs})
+    table = FeatureTable(index)
     out = []
     with torch.no_grad():
-        for r in rows:
-            x = torch.from_numpy(np.asarray(feats[r["id"]], dtype=np.float32))[None]  # (1, T, n_mels)
+        for i, (uid, text) in enumerate(zip(table.ids(), table.texts(), strict=True)):
+            x = torch.from_numpy(table.features(i))[None]  # (1, T, n_mels) float32
             lp, olen = model(x, torch.tensor([x.shape[1]]))  # (1, T', V), (1,)
-            out.append((r["id"], r["text"], lp[0, : int(olen[0])].numpy()))
+            out.append((uid, text, lp[0, : int(olen[0])].numpy()))
     return out
 
 
@@ -100,10 +91,14 @@ def main() -> int:
     lex, arpa = info["lm"]["lexicon"], info["lm"]["arpa"]
     lex_words = [line.split("\t")[0] for line in Path(lex).read_text().splitlines() if line.strip()]
     gold_words = [w for _, t, _ in gold for w in t.split()]
-    oov = [w for w in gold_words if w not in set(lex_words)]
+    in_lexicon = set(lex_words)
+    oov = [w for w in gold_words if w not in in_lexicon]
     d = load_config(args.profile).decode
 
     rows: list[dict] = []
+
+    def beam(lexicon: str | None, lm: str | None, lw: float = d.lm_weight, ws: float = d.word_score):
+        return BeamDecoder(tok, lexicon, lm, beam_size=d.beam_size, lm_weight=lw, word_score=ws).decode_one
 
     def score(name: str, decode, sets=("dev", "golden")) -> dict:
         t0 = time.process_time()
@@ -130,24 +125,19 @@ def main() -> int:
     print(f"golden out-of-lexicon words: {len(oov)} of {len(gold_words)} ({100 * len(oov) / max(1, len(gold_words)):.1f} %),"
           f" lexicon {len(lex_words)} words")  # fmt: skip
     score("greedy", lambda lp: greedy_decode(lp[None], [lp.shape[0]], tok)[0])
-    score("beam, lexicon-free, no LM", BeamDecoder(tok, None, None, beam_size=d.beam_size).decode_one)
-    score("beam, lexicon, no LM", BeamDecoder(tok, lex, None, beam_size=d.beam_size).decode_one)
-    default = score(f"beam, lexicon + LM (default lw {d.lm_weight} ws {d.word_score})",
-                    BeamDecoder(tok, lex, arpa, beam_size=d.beam_size, lm_weight=d.lm_weight,
-                                word_score=d.word_score).decode_one)  # fmt: skip
+    score("beam, lexicon-free, no LM", beam(None, None))
+    score("beam, lexicon, no LM", beam(lex, None))
+    default = score(f"beam, lexicon + LM (default lw {d.lm_weight} ws {d.word_score})", beam(lex, arpa))
     grid = []
     for lw in [float(x) for x in args.lm_weights.split(",")]:
         for ws in [float(x) for x in args.word_scores.split(",")]:
-            r = score(f"  grid lw {lw} ws {ws} (dev only)", BeamDecoder(
-                tok, lex, arpa, beam_size=d.beam_size, lm_weight=lw, word_score=ws).decode_one, ("dev",))  # fmt: skip
+            r = score(f"  grid lw {lw} ws {ws} (dev only)", beam(lex, arpa, lw, ws), ("dev",))
             grid.append((r["dev_wer"], lw, ws))
     _, blw, bws = min(grid)
-    chosen = score(f"beam, lexicon + LM (dev choice lw {blw} ws {bws})", BeamDecoder(
-        tok, lex, arpa, beam_size=d.beam_size, lm_weight=blw, word_score=bws).decode_one)  # fmt: skip
+    chosen = score(f"beam, lexicon + LM (dev choice lw {blw} ws {bws})", beam(lex, arpa, blw, bws))
     sizing = Path(tempfile.mkdtemp(prefix="asrflow-bench-decoding-")) / "lexicon.txt"  # not in the artifacts
     sizing.write_text(build_lexicon(sorted(set(lex_words) | set(oov)), tok))
-    oracle = score("SIZING ONLY: lexicon + golden's OOV words, default LM", BeamDecoder(
-        tok, str(sizing), arpa, beam_size=d.beam_size, lm_weight=d.lm_weight, word_score=d.word_score).decode_one)  # fmt: skip
+    oracle = score("SIZING ONLY: lexicon + golden's OOV words, default LM", beam(str(sizing), arpa))
     shutil.rmtree(sizing.parent)
     print(f"dev choice vs default: golden WER {chosen['golden_wer']} vs {default['golden_wer']}; "
           f"closed lexicon costs {default['golden_wer'] - oracle['golden_wer']:+.4f} golden WER")

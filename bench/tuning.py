@@ -167,7 +167,7 @@ def _one_seed(cfg, args, seed: int, crossing: float, variant: str) -> dict:
     un = _unpruned(cfg, args, seed, crossing)
     final_best = min(r["value"] for r in un)
     target = final_best + args.tolerance
-    ash = run_study(cfg, seed, variant, args.asha_trials or 120, args.epochs, target, crossing)
+    ash = run_study(cfg, seed, variant, args.asha_trials, args.epochs, target, crossing)
     e_un = epochs_to(un, target)
     e_as = epochs_to(ash, target)
     total_un = sum(r["epochs"] for r in un)
@@ -216,7 +216,7 @@ def surrogate(args) -> None:
     print(
         f"space: tune.space of profile {args.profile!r} ({', '.join(cfg.tune.space)}); TPE (tune.make_sampler) seeds "
         f"0..{args.seeds - 1}; max epochs/trial {args.epochs}; unpruned trials {args.trials}; pruned searches up to "
-        f"{args.asha_trials or 120} trials (stop at the target); target = unpruned final best + {args.tolerance:.3f} abs WER; "
+        f"{args.asha_trials} trials (stop at the target); target = unpruned final best + {args.tolerance:.3f} abs WER; "
         f"variant = pruner:min_resource:reduction_factor"
     )
     if args.verbose:
@@ -262,7 +262,6 @@ def surrogate(args) -> None:
 def _real_overrides(args) -> list[str]:
     """Paths, warm start and the search settings shared by both real studies."""
     out = [
-        f"tune.n_trials={args.trials}",
         f"tune.epochs={args.epochs}",
         f"tune.min_resource={args.min_resource}",
         f"tune.reduction_factor={args.reduction_factor}",
@@ -322,7 +321,7 @@ def real(args) -> None:
     inputs = {"split": run_until("split", base)["split"]}
     out = {}
     for pruner in ("none", "asha"):
-        n = args.trials if pruner == "none" else (args.asha_trials or args.trials)
+        n = args.trials if pruner == "none" else args.asha_trials
         cfg = load_config(args.profile, [*common, f"tune.pruner={pruner}", f"tune.n_trials={n}"])
         t0 = time.monotonic()
         res = tune.run(cfg, inputs)
@@ -344,7 +343,7 @@ def real(args) -> None:
     print("bench/tuning.py — ASHA vs no pruning (REAL train.fit on the proxy split, one seed)")
     print(
         f"profile {args.profile}, week {args.week}, parent {args.init_from or 'none (from scratch)'}; {args.trials} "
-        f"trials unpruned, {args.asha_trials or args.trials} with ASHA, up to {args.epochs} epochs; ASHA min_resource {args.min_resource}, reduction_factor "
+        f"trials unpruned, {args.asha_trials} with ASHA, up to {args.epochs} epochs; ASHA min_resource {args.min_resource}, reduction_factor "
         f"{args.reduction_factor}; metric {out['none']['metric']}"
     )
     for k, v in out.items():
@@ -393,6 +392,8 @@ def main() -> None:
     ap.add_argument("--init-from", default="", help="real mode: packaged parent model folder (warm trials)")
     ap.add_argument("--json", default="", help="also write per-seed rows here")
     args = ap.parse_args()
+    if args.asha_trials is None:
+        args.asha_trials = 120 if args.mode == "surrogate" else args.trials
     surrogate(args) if args.mode == "surrogate" else real(args)
 
 
