@@ -117,6 +117,12 @@ def num_frames(num_samples: int, hop_length: int) -> int:
     return 1 + int(num_samples) // int(hop_length)
 
 
+def _power(windowed: np.ndarray) -> np.ndarray:
+    """|rfft|^2 of windowed frames: ``(T, n_fft)`` float32 -> ``(T, n_fft // 2 + 1)`` float32."""
+    spec = scipy.fft.rfft(windowed, axis=-1)  # (T, n_fft//2+1) complex64
+    return (spec.real * spec.real + spec.imag * spec.imag).astype(np.float32, copy=False)
+
+
 def power_spectrum(wave: np.ndarray, n_fft: int, win_length: int, hop_length: int) -> np.ndarray:
     """|STFT|^2 with center=True reflect padding: ``(S,)`` float32 -> ``(T, n_fft // 2 + 1)`` float32."""
     wave = np.ascontiguousarray(wave, dtype=np.float32)
@@ -137,8 +143,7 @@ def power_spectrum(wave: np.ndarray, n_fft: int, win_length: int, hop_length: in
         strides=(padded.strides[0] * hop_length, padded.strides[0]),
         writeable=False,
     )  # (T, n_fft) view
-    spec = scipy.fft.rfft(frames * _window(n_fft, win_length), axis=-1)  # (T, n_fft//2+1) complex64
-    return (spec.real * spec.real + spec.imag * spec.imag).astype(np.float32, copy=False)
+    return _power(frames * _window(n_fft, win_length))  # (T, n_fft//2+1)
 
 
 def logmel(
@@ -200,8 +205,7 @@ def logmel_batch(waves: list[np.ndarray], **kwargs: Any) -> list[np.ndarray]:
             )
         )
     frames = np.concatenate(frame_views, axis=0) * _window(n_fft, win_length)  # (sum T, n_fft)
-    spec = scipy.fft.rfft(frames, axis=-1)  # (sum T, n_fft//2+1) complex64
-    power = (spec.real * spec.real + spec.imag * spec.imag).astype(np.float32, copy=False)
+    power = _power(frames)  # (sum T, n_fft//2+1)
     f_max_v = float(sample_rate // 2) if f_max is None else float(f_max)
     mel = power @ mel_filterbank(n_fft // 2 + 1, f_min, f_max_v, n_mels, sample_rate)  # (sum T, n_mels)
     np.log(mel + np.float32(log_offset), out=mel)
