@@ -213,11 +213,12 @@ class CheckpointManager:
         return removed
 
     # -------------------------------------------------------------- save / load
-    def save(self, engine, step: int, trainer_state: dict[str, Any]) -> str:
+    def save(self, engine, step: int, trainer_state: dict[str, Any], client_state: dict[str, Any] | None = None) -> str:
         """Collective: write the engine (module, optimizer, scheduler) and this rank's trainer state.
 
         ``trainer_state`` must be JSON-able; the RNG states are added here (captured *before*
-        anything else runs, so they are exactly the state at this step boundary).
+        anything else runs, so they are exactly the state at this step boundary). ``client_state``
+        (tensors allowed, e.g. the weight average) goes into DeepSpeed's model-states file.
         """
         tag = tag_for_step(step)
         tmp_tag = f"{TMP_PREFIX}{tag}"
@@ -228,7 +229,7 @@ class CheckpointManager:
         if self.rank == 0 and (self.root / tmp_tag).exists():
             shutil.rmtree(self.root / tmp_tag)
         _barrier(self.world_size)
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state or {}, save_latest=False)
         with open(self.root / tmp_tag / f"trainer_rank{self.rank}.json", "w") as f:
             json.dump(state, f)
             f.flush()
@@ -263,13 +264,14 @@ class CheckpointManager:
     def load(self, engine) -> dict[str, Any] | None:
         """Collective: restore the latest checkpoint into ``engine`` and this rank's RNG.
 
-        Returns this rank's trainer state (without ``rng``), or None when there is no checkpoint.
+        Returns this rank's trainer state (without ``rng``; DeepSpeed's client state under
+        ``client_state``), or None when there is no checkpoint.
         """
         rec = self.latest()
         if rec is None:
             return None
         tag = rec["tag"]
-        path, _ = engine.load_checkpoint(str(self.root), tag=tag)
+        path, client_state = engine.load_checkpoint(str(self.root), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         state = json.loads((self.root / tag / f"trainer_rank{self.rank}.json").read_text())
@@ -278,6 +280,7 @@ class CheckpointManager:
                 f"checkpoint {tag} was written with world_size {state.get('world_size')}, now {self.world_size}"
             )
         restore_rng(state.pop("rng"))
+        state["client_state"] = client_state or {}
         return state
 
     def delete_all(self) -> None:

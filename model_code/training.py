@@ -109,6 +109,9 @@ class TrainArgs:
     # utterance of new_batches (new_repeats times) plus old ones making up `share` of the epoch
     # (model_code.sampler). None: every utterance once per epoch.
     replay: dict[str, Any] | None = None
+    # exponential moving average of the weights (0 = off): the packaged model gets the averaged
+    # weights unless the raw ones score a lower dev CER at the end (both are recorded)
+    ema_decay: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -514,6 +517,54 @@ def replay_kwargs(replay: dict[str, Any] | None, batches: list[str]) -> dict[str
     }
 
 
+class WeightEMA:
+    """Exponential moving average of a module's parameters (fp32 copies, updated per optimizer step).
+
+    The effective decay is ``min(decay, (1 + n) / (10 + n))`` at update ``n`` (the usual warm-up, so
+    a short run is not dominated by its random or parent start). It follows the optimizer step
+    count, so a resumed run continues the same average; its tensors travel in the checkpoint.
+    Only for replicated parameters (ZeRO stage 0-2).
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = float(decay)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, n: int) -> None:
+        d = min(self.decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": [t.cpu() for t in self.shadow]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if len(sd["shadow"]) != len(self.shadow):
+            raise ValueError(f"EMA state has {len(sd['shadow'])} tensors, the model {len(self.shadow)}")
+        for dst, src in zip(self.shadow, sd["shadow"], strict=True):
+            dst.copy_(src)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The averaged weights in the module for the duration of the block, the raw ones after."""
+        raw = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, t in zip(self.params, self.shadow, strict=True):
+                p.copy_(t.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, raw, strict=True):
+                    p.copy_(t)
+
+    @torch.no_grad()
+    def copy_to_module(self) -> None:
+        for p, t in zip(self.params, self.shadow, strict=True):
+            p.copy_(t.to(p.dtype))
+
+
 def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, Any]:
     import deepspeed
 
@@ -602,6 +653,9 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         model=model, model_parameters=base_opt_params, config=ds_config, lr_scheduler=sched_factory
     )
     device = engine.device
+    if args.ema_decay and args.zero_stage >= 3:
+        raise ValueError("train.ema_decay needs replicated parameters (zero_stage 0-2), not ZeRO-3")
+    ema = WeightEMA(engine.module, args.ema_decay) if args.ema_decay else None
     # throughput accounting (issue 15): this rank's own figures since this session started
     mine = {"audio_s": 0.0, "wait_s": 0.0, "allreduce_s": 0.0, "step_s": 0.0, "steps": 0}
     _time_allreduce(engine, mine, device_type, world)
@@ -630,7 +684,12 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
     if ckpt is not None:
         loaded = ckpt.load(engine)
         if loaded is not None:
+            client = loaded.pop("client_state", None) or {}
             state.update(loaded)
+            if ema is not None:
+                if "ema" not in client:
+                    raise RuntimeError("train.ema_decay is set but the checkpoint holds no EMA state")
+                ema.load_state_dict(client["ema"])
             resumed_from = int(state["global_step"])
             if hasattr(lr_fn, "warm_end"):
                 lr_fn.warm_end = state.get("lr_warm_end")
@@ -669,7 +728,7 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
             return
         state["elapsed_s"] = elapsed_before + (time.monotonic() - session_t0)
         state["lr_warm_end"] = getattr(lr_fn, "warm_end", None)
-        ckpt.save(engine, step, state)
+        ckpt.save(engine, step, state, client_state={"ema": ema.state_dict()} if ema is not None else None)
         last_ckpt_t = time.monotonic()
 
     try:
@@ -729,6 +788,8 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
                     # ---- one optimizer step done
                     state["global_step"] += 1
                     step = int(state["global_step"])
+                    if ema is not None:
+                        ema.update(step)
                     now = time.perf_counter()
                     dt = now - t_step
                     t_step = now
@@ -811,7 +872,8 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
             }
             if dev_table is not None:
                 t_ev = time.perf_counter()
-                ev = evaluate(engine.module, dev_table, tokenizer, device, dev_budget, dtype=in_dtype)
+                with ema.swapped() if ema is not None else contextlib.nullcontext():
+                    ev = evaluate(engine.module, dev_table, tokenizer, device, dev_budget, dtype=in_dtype)
                 ep_rec.update(dev_wer=ev["wer"], dev_cer=ev["cer"], dev_loss=ev["loss"], dev_examples=ev["examples"])
                 ep_rec["eval_s"] = time.perf_counter() - t_ev
             if not stop:
@@ -826,6 +888,8 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
             load_times = []
 
         # ---- finish
+        ema_rec = _finish_ema(ema, engine.module, state["history"], dev_table, tokenizer, device, dev_budget,
+                              in_dtype, world) if ema is not None else None
         result: dict[str, Any] = {
             "rank": rank,
             "world_size": world,
@@ -849,6 +913,10 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         result["dev_wer"] = last.get("dev_wer")
         result["dev_cer"] = last.get("dev_cer")
         result["dev_loss"] = last.get("dev_loss")
+        if ema_rec is not None:
+            result["ema"] = ema_rec
+            if ema_rec["used"] == "raw":
+                result.update(dev_wer=ema_rec["dev_wer_raw"], dev_cer=ema_rec["dev_cer_raw"], dev_loss=ema_rec["dev_loss_raw"])
         if rank == 0 and args.save_model:
             from model_code.packaging import save_model_dir
 
@@ -878,6 +946,30 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         events.close()
         if batch_log is not None:
             batch_log.close()
+
+
+def _finish_ema(ema: WeightEMA, module, history, dev_table, tokenizer, device, dev_budget, dtype, world) -> dict:
+    """Leave the weights to publish in ``module``: the average, unless the raw weights score a
+    lower dev CER (rank 0 decides on its dev set, every rank follows). The epoch-end dev figures
+    in ``history`` are the average's."""
+    last = history[-1] if history else {}
+    rec: dict[str, Any] = {"decay": ema.decay, "dev_wer_ema": last.get("dev_wer"), "dev_cer_ema": last.get("dev_cer"),
+                           "dev_loss_ema": last.get("dev_loss"), "used": "ema"}
+    use_raw = 0.0
+    if dev_table is not None and last.get("dev_cer") is not None:
+        ev = evaluate(module, dev_table, tokenizer, device, dev_budget, dtype=dtype)
+        rec.update(dev_wer_raw=ev["wer"], dev_cer_raw=ev["cer"], dev_loss_raw=ev["loss"])
+        # CER, then loss: early in a run both are 1.0 and only the loss still ranks them
+        use_raw = float((ev["cer"], ev["loss"]) < (last["dev_cer"], last["dev_loss"]))
+    if world > 1:
+        flag = torch.tensor([use_raw], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        torch.distributed.broadcast(flag, src=0)
+        use_raw = float(flag[0])
+    if use_raw:
+        rec["used"] = "raw"
+    else:
+        ema.copy_to_module()
+    return rec
 
 
 def _time_allreduce(engine, mine: dict[str, Any], device_type: str, world: int) -> None:

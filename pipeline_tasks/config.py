@@ -339,6 +339,9 @@ class TrainConfig(_Section):
     finetune_warmup_steps: int = Field(20, ge=0)  # warm runs need little warmup
     replay_share: float = Field(0.5, ge=0, lt=1)  # share of older weeks' utterances in each warm epoch
     new_data_repeats: int = Field(1, ge=1)  # times each new utterance appears per warm epoch
+    # exponential moving average of the weights (0 = off); the model is published with the average
+    # unless the raw weights score a lower dev CER at the end (model_code.training.WeightEMA)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("init_from")
     @classmethod
@@ -526,6 +529,12 @@ class AsrflowConfig(_Section):
                 "train.augment.speed_perturb needs speed-perturbed features: set features.speed_factors "
                 "(e.g. [0.9, 1.0, 1.1])"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _ema_needs_replicated_params(self) -> AsrflowConfig:
+        if self.train.ema_decay and self.train.zero_stage >= 3:
+            raise ValueError("train.ema_decay averages full parameters: use train.zero_stage 0-2, or ema_decay 0")
         return self
 
     # -- helpers -----------------------------------------------------------------

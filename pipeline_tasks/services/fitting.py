@@ -135,6 +135,7 @@ def train_args(
         lm_order=cfg.decode.lm_order,
         meta=dict(meta or {}),
         ds_shm_comm=t.ds_shm_comm,
+        ema_decay=t.ema_decay,
         init_weights=str(Path(parent.model_dir) / "weights.pt") if warm else None,
         replay={"new_batches": list(new_batches or []), "share": t.replay_share, "new_repeats": t.new_data_repeats}
         if warm

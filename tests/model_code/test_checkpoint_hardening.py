@@ -19,7 +19,7 @@ class FakeEngine:
     def __init__(self, value: int = 0):
         self.value = value
 
-    def save_checkpoint(self, root, tag, save_latest=False):
+    def save_checkpoint(self, root, tag, client_state=None, save_latest=False):
         d = Path(root) / tag
         d.mkdir(parents=True, exist_ok=True)
         (d / "mp_rank_00_model_states.pt").write_text(json.dumps({"value": self.value}))

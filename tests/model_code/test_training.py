@@ -284,3 +284,73 @@ def test_speed_copies_and_feature_noise_train_and_resume_exactly(tmp_path):
     other = write_synthetic_index(data, 40, seed=9, name="other")
     with pytest.raises(ValueError, match="does not list the utterances"):
         train(tiny_args(tmp_path / "x", **{**kw, "variant_indexes": [str(other)]}))
+
+
+# -- weight averaging ---------------------------------------------------------------------------
+
+
+def test_weight_ema_follows_its_formula_and_swaps_back():
+    from model_code.training import WeightEMA
+
+    lin = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in lin.parameters()]
+    ema = WeightEMA(lin, decay=0.9)
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(1.0)
+    ema.update(1)  # effective decay min(0.9, 2/11)
+    d = 2.0 / 11.0
+    for s, p0, p in zip(ema.shadow, start, lin.parameters(), strict=True):
+        torch.testing.assert_close(s, d * p0 + (1 - d) * p.detach())
+    raw = [p.detach().clone() for p in lin.parameters()]
+    with ema.swapped():
+        for p, s in zip(lin.parameters(), ema.shadow, strict=True):
+            assert torch.equal(p.detach(), s)
+    for p, r in zip(lin.parameters(), raw, strict=True):
+        assert torch.equal(p.detach(), r)  # the raw weights are back
+    other = WeightEMA(torch.nn.Linear(3, 2), decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow, strict=True))
+    with pytest.raises(ValueError, match="tensors"):
+        WeightEMA(torch.nn.Linear(3, 3, bias=False), 0.9).load_state_dict(ema.state_dict())
+
+
+def test_the_weight_average_is_published_and_resumes_exactly(tmp_path):
+    """Without a dev set the average is what gets packaged (not the raw weights), and a run
+    SIGKILLed after step 3 resumes with the average it had (it travels in the checkpoint)."""
+    import signal
+
+    from model_code.ds_launch import launch
+
+    kw = dict(epochs=3, ema_decay=0.8, dev_index=None, checkpoint_every_steps=2)
+    full = train(tiny_args(tmp_path / "a", checkpoint_dir=str(tmp_path / "a" / "ck"), **kw))
+    assert full["ema"]["used"] == "ema" and full["ema"]["decay"] == 0.8
+    plain = train(tiny_args(tmp_path / "p", **{**kw, "ema_decay": 0.0}))
+    assert "ema" not in plain and plain["params_sha256"] != full["params_sha256"]  # same run, averaged
+    packaged, _, _ = load_model_dir(tmp_path / "a" / "out" / "model")
+    assert params_digest(packaged) == full["params_sha256"]
+    b = tiny_args(tmp_path / "r", checkpoint_dir=str(tmp_path / "r" / "ck"), **kw)
+    with pytest.raises(RuntimeError, match=f"exited with -{int(signal.SIGKILL)}"):
+        launch(b, world_size=1, launcher="inprocess", env={"ASRFLOW_TRAIN_FAULT": "after_step:3"}, poll_s=0.2)
+    resumed = launch(b, world_size=1, launcher="inprocess", poll_s=0.2)
+    assert resumed["resumed_from"] == 2 and resumed["params_sha256"] == full["params_sha256"]
+
+
+def test_raw_weights_are_kept_when_they_score_better_on_dev(tmp_path):
+    """The end-of-run choice: the average is published unless the raw weights have the lower dev CER."""
+    from model_code.dataset import FeatureTable
+    from model_code.tokenizer import CharTokenizer
+    from model_code.training import WeightEMA, _finish_ema
+
+    train(tiny_args(tmp_path, epochs=1))
+    model, _, _ = load_model_dir(tmp_path / "out" / "model")
+    dev = FeatureTable(tmp_path / "data" / "dev.parquet")
+    raw = params_digest(model)
+    ema = WeightEMA(model, 0.9)
+    for t in ema.shadow:
+        t.zero_()  # an average that is certainly different from the raw weights
+    common = (dev, CharTokenizer(), torch.device("cpu"), 5.0, torch.float32, 1)
+    rec = _finish_ema(ema, model, [{"dev_cer": 2.0, "dev_loss": 1e9, "dev_wer": 2.0}], *common)
+    assert rec["used"] == "raw" and params_digest(model) == raw and 0.0 <= rec["dev_cer_raw"] <= 1.5
+    rec = _finish_ema(ema, model, [{"dev_cer": -1.0, "dev_loss": 0.0, "dev_wer": 0.0}], *common)
+    assert rec["used"] == "ema" and all(float(p.detach().abs().sum()) == 0.0 for p in model.parameters())
