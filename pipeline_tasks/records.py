@@ -158,6 +158,8 @@ class TrainResult(StepResult, total=False):
     # data-wait and all-reduce shares of step time (all-reduce 0 for world size 1)
     throughput: dict[str, Any]
     nnodes: int  # nodes (mapped train_node tasks) that trained it; 1: the single train task
+    # train.ema_decay > 0: decay, dev_{wer,cer,loss}_{ema,raw}, used ("ema" | "raw"); else None
+    ema: dict[str, Any] | None
 
 
 class EvaluateResult(StepResult, total=False):

@@ -380,6 +380,12 @@ def fit(
             "train_s": res["train_s"],
         }
         track("log final", lambda: mlflow.log_metrics({f"final/{k}": float(v) for k, v in final.items() if v is not None}))
+        if res.get("ema"):  # the weight average: its dev figures and the raw weights', and which was published
+            ema = res["ema"]
+            track("log ema", lambda: (
+                mlflow.log_metrics({f"final/ema_{k}": float(v) for k, v in ema.items()
+                                    if k.startswith("dev_") and v is not None}),
+                mlflow.set_tag("asrflow.ema_used", ema["used"])))
         from pipeline_tasks.services.multinode import throughput, throughput_metrics
 
         tput = throughput(res.get("rank_stats") or [])
@@ -413,4 +419,5 @@ def fit(
         "train_md5": train_md5,
         "init": "warm" if warm else "scratch",
         "lineage": lineage,
+        "ema": res.get("ema"),
     }

@@ -142,6 +142,7 @@ def _fit_record(
         "parent": parent.record(),
         "lineage": lineage,
         "throughput": res.get("throughput") or {},
+        "ema": res.get("ema"),
         "nnodes": int(tcfg.train.nnodes) if node is not None or _on_kubernetes(tcfg) else 1,
         "launcher": tcfg.train.launcher,
     }
