@@ -549,9 +549,7 @@ class WeightEMA:
     def swapped(self):
         """The averaged weights in the module for the duration of the block, the raw ones after."""
         raw = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, t in zip(self.params, self.shadow, strict=True):
-                p.copy_(t.to(p.dtype))
+        self.copy_to_module()
         try:
             yield
         finally:

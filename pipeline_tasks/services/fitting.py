@@ -382,10 +382,9 @@ def fit(
         track("log final", lambda: mlflow.log_metrics({f"final/{k}": float(v) for k, v in final.items() if v is not None}))
         if res.get("ema"):  # the weight average: its dev figures and the raw weights', and which was published
             ema = res["ema"]
-            track("log ema", lambda: (
-                mlflow.log_metrics({f"final/ema_{k}": float(v) for k, v in ema.items()
-                                    if k.startswith("dev_") and v is not None}),
-                mlflow.set_tag("asrflow.ema_used", ema["used"])))
+            track("log ema", lambda: mlflow.log_metrics(
+                {f"final/ema_{k}": float(v) for k, v in ema.items() if k.startswith("dev_") and v is not None}))
+            track("tag ema", lambda: mlflow.set_tag("asrflow.ema_used", ema["used"]))
         from pipeline_tasks.services.multinode import throughput, throughput_metrics
 
         tput = throughput(res.get("rank_stats") or [])
