@@ -56,24 +56,19 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from devstack.local_run import landing_view, landing_weeks
+    from devstack.local_run import ensure_data, golden_slices, landing_view
     from pipeline_tasks.config import load_config
     from pipeline_tasks.graph import run_until
     from pipeline_tasks.steps import promote
-    from synth import corpus
 
     work = Path(args.work)
-    base = load_config(args.profile, [f"paths.root={work / 'shared'}"])
     landing, golden = work / "shared" / "landing", work / "shared" / "golden_set"
-    c = base.corpus
-    if not (golden / "manifest.jsonl").exists():
-        corpus.generate_golden(golden, utterances=c.golden_utterances, seed=c.seed, jobs=c.jobs)
+    shared = load_config(args.profile, [f"paths.root={work / 'shared'}", f"paths.landing_url={landing}",
+                                        f"paths.golden_dir={golden}"])
     rows: dict[str, list[dict]] = {a: [] for a in args.arms.split(",")}
     t_all = time.monotonic()
     for week in range(1, args.weeks + 1):
-        if week not in landing_weeks(landing):
-            corpus.generate_week(landing, week=week, utterances=c.utterances_per_week, seed=c.seed, jobs=c.jobs,
-                                 long_form_share=c.long_form_share, mix=corpus.Mix.from_config(c))
+        ensure_data(shared, week)  # the week's corpus and the golden set, as make pipeline-local makes them
         for arm in rows:
             root = work / arm
             cfg0 = load_config(args.profile, [f"paths.root={root}", f"paths.landing_url={landing}"])
@@ -85,9 +80,7 @@ def main() -> int:
             if arm == "warm" and ev["passed"]:
                 promote.promote_production(cfg.model_copy(update={"registry": cfg.registry.model_copy(
                     update={"canary_max_wer": 10.0})}))  # the bench measures the gate, not the canary
-            dec = json.loads((Path(ev["output_dir"]) / ev["decision"]).read_text())
-            slices = {s["slice"]: round(s["wer_candidate"], 4) for s in dec["slices"][1:]
-                      if s["kind"] in ("synth", "condition") and s.get("wer_candidate") is not None}
+            slices = {k: round(v, 4) for k, v in golden_slices(ev, ("synth", "condition")).items()}
             row = {
                 "week": week, "wer": round(ev["candidate_wer"], 4), "cer": round(ev["candidate_cer"], 4),
                 "passed": ev["passed"], "parent": (tr.get("lineage") or {}).get("parent_version", "scratch"),

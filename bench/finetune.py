@@ -49,10 +49,9 @@ def main() -> int:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
-    from devstack.local_run import landing_view, landing_weeks
+    from devstack.local_run import ensure_data, golden_slices, landing_view
     from pipeline_tasks.config import load_config
     from pipeline_tasks.graph import run_until
-    from synth import corpus
 
     work = Path(args.work)
     landing, golden = work / "shared" / "landing", work / "shared" / "golden_set"
@@ -62,11 +61,10 @@ def main() -> int:
     parent = Path(args.parent) if args.parent else (parents[-1].parent if parents else None)
     if parent is None:
         raise SystemExit(f"no parent model under {work}/warm/train: run bench/continuous.py --work {work} --weeks 1 first")
-    c = load_config(args.profile, [f"paths.root={work / 'shared'}"]).corpus
+    shared = load_config(args.profile, [f"paths.root={work / 'shared'}", f"paths.landing_url={landing}",
+                                        f"paths.golden_dir={golden}"])
     for w in range(1, args.week + 1):
-        if w not in landing_weeks(landing):
-            corpus.generate_week(landing, week=w, utterances=c.utterances_per_week, seed=c.seed, jobs=c.jobs,
-                                 long_form_share=c.long_form_share, mix=corpus.Mix.from_config(c))
+        ensure_data(shared, w)  # as make pipeline-local makes them
     root = work / "finetune"
     view = landing_view(load_config(args.profile, [f"paths.root={root}", f"paths.landing_url={landing}"]), args.week)
     print(f"parent {parent}; week {args.week}; {args.minutes} min per variant")
@@ -79,13 +77,11 @@ def main() -> int:
         t0 = time.monotonic()
         res = run_until("evaluate", cfg)
         tr, ev = res["train"], res["evaluate"]
-        dec = json.loads((Path(ev["output_dir"]) / ev["decision"]).read_text())
         row = {
             "variant": name, "overrides": extra, "golden_wer": round(ev["candidate_wer"], 4),
             "golden_cer": round(ev["candidate_cer"], 4), "steps": tr["steps"], "train_min": round(tr["train_s"] / 60, 2),
             "dev_wer": tr.get("dev_wer"), "dev_cer": tr.get("dev_cer"), "ema": tr.get("ema"),
-            "slices": {s["slice"]: round(s["wer_candidate"], 4) for s in dec["slices"][1:]
-                       if s["kind"] in ("synth", "condition") and s.get("wer_candidate") is not None},
+            "slices": {k: round(v, 4) for k, v in golden_slices(ev, ("synth", "condition")).items()},
             "wall_min": round((time.monotonic() - t0) / 60, 1),
         }
         rows.append(row)

@@ -286,7 +286,7 @@ def summary(
             f"  P(better) {_fmt(ev.get('p_better'), 3)}  95% CI of ΔWER {_fmt(ev.get('ci95'))}"
         )
         say(f"  decision: {'PASS' if ev.get('passed') else 'FAIL'} — {ev.get('reason', '')}")
-        sl = _slices(ev)
+        sl = golden_slices(ev)
         if sl:
             say("  per slice (WER): " + ", ".join(f"{k} {v:.3f}" for k, v in sl.items()))
     if tu.get("enabled"):
@@ -331,11 +331,12 @@ def summary(
             f"{sample or '<audio.wav>'}"
         )
     return {"state": state, "run_id": run_id, "evaluate": ev, "promote": prom, "skip_reason": skip_reason,
-            "train": tr, "slices": _slices(ev)}
+            "train": tr, "slices": golden_slices(ev)}
 
 
-def _slices(ev: dict[str, Any]) -> dict[str, float]:
-    """Candidate WER per golden slice (every kind but speakers, which are many), from the decision."""
+def golden_slices(ev: dict[str, Any], kinds: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Candidate WER per golden slice, from an evaluate result's decision: every kind but speakers
+    (which are many), or only ``kinds`` (e.g. ``("synth", "condition")``)."""
     if not ev.get("output_dir") or not ev.get("decision"):
         return {}
     try:
@@ -345,7 +346,7 @@ def _slices(ev: dict[str, Any]) -> dict[str, float]:
     return {
         s["slice"]: float(s["wer_candidate"])
         for s in dec.get("slices", [])[1:]
-        if s.get("kind") != "speaker" and s.get("wer_candidate") is not None
+        if s.get("kind") != "speaker" and (kinds is None or s.get("kind") in kinds) and s.get("wer_candidate") is not None
     }
 
 
