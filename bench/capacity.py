@@ -25,6 +25,13 @@ sys.path.insert(0, str(REPO))
 
 CMD = " ".join(["python", *sys.argv])
 
+
+def _variant(s: str) -> tuple[str, list[str]]:
+    name, _, rest = s.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"variant {s!r}: expected name=key=value,key=value")
+    return name, [x for x in rest.split(",") if x]
+
 VARIANTS: dict[str, list[str]] = {
     "base": [],  # the local profile: char CTC, d_model 144, 4 layers
     "deep6": ["model.n_layers=6"],
@@ -42,45 +49,41 @@ def main() -> int:
         "--epochs", type=int, default=1000,
         help="epoch cap (default: high, so the minutes bind; the profile's own value compares at equal epochs)",
     )  # fmt: skip
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)} ('' for none)")
+    ap.add_argument("--variant", type=_variant, action="append", default=[],
+                    help="an extra variant, name=key=value,key=value (after --variants)")  # fmt: skip
     ap.add_argument("--work", default=str(REPO / "artifacts" / "bench-capacity"))
     ap.add_argument("--landing", default="", help="an existing landing zone with week-001 (default: generate)")
     ap.add_argument("--golden", default="", help="an existing golden set folder (default: generate)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from devstack.local_run import landing_view, landing_weeks
+    from devstack.local_run import ensure_data, golden_slices, landing_view
     from pipeline_tasks.config import load_config
     from pipeline_tasks.graph import run_until
-    from synth import corpus
 
     work = Path(args.work)
     root = work / "root"
-    base = load_config(args.profile, [f"paths.root={root}"])
-    c = base.corpus
     landing = Path(args.landing) if args.landing else work / "landing"
     golden = Path(args.golden) if args.golden else work / "golden_set"
-    if not (golden / "manifest.jsonl").exists():
-        corpus.generate_golden(golden, utterances=c.golden_utterances, seed=c.seed, jobs=c.jobs)
-    if 1 not in landing_weeks(landing):
-        corpus.generate_week(landing, week=1, utterances=c.utterances_per_week, seed=c.seed, jobs=c.jobs,
-                             long_form_share=c.long_form_share, mix=corpus.Mix.from_config(c))  # fmt: skip
+    # week 1 and the golden set as make pipeline-local makes them (kept if already there)
+    ensure_data(load_config(args.profile, [f"paths.root={root}", f"paths.landing_url={landing}",
+                                           f"paths.golden_dir={golden}"]), 1)  # fmt: skip
     view = landing_view(load_config(args.profile, [f"paths.root={root}", f"paths.landing_url={landing}"]), 1)
+    variants = [(n, VARIANTS[n]) for n in args.variants.split(",") if n] + args.variant
     rows = []
-    for name in args.variants.split(","):
+    for name, extra in variants:
         cfg = load_config(args.profile, [
             f"paths.root={root}", f"paths.landing_url={view}", f"paths.golden_dir={golden}",
             "train.init_from=scratch", f"train.max_minutes={args.minutes}", f"train.epochs={args.epochs}",
-            "tune.enabled=false", *VARIANTS[name],
+            "tune.enabled=false", *extra,
         ])  # fmt: skip
         t0 = time.monotonic()
         res = run_until("evaluate", cfg)
         tr, ev = res["train"], res["evaluate"]
-        dec = json.loads((Path(ev["output_dir"]) / ev["decision"]).read_text())
-        slices = {s["slice"]: round(s["wer_candidate"], 4) for s in dec["slices"][1:]
-                  if s["kind"] in ("synth", "condition") and s.get("wer_candidate") is not None}  # fmt: skip
+        slices = {k: round(v, 4) for k, v in golden_slices(ev, ("synth", "condition")).items()}
         row = {
-            "variant": name, "overrides": VARIANTS[name], "params": tr.get("params"), "steps": tr["steps"],
+            "variant": name, "overrides": extra, "params": tr.get("params"), "steps": tr["steps"],
             "train_min": round(tr["train_s"] / 60, 2), "audio_s_per_s": round(tr["audio_s_per_s"], 1),
             "audio_h_seen": round(tr["audio_s_per_s"] * tr["train_s"] / 3600, 2),
             "dev_wer": tr["dev_wer"], "dev_cer": tr["dev_cer"],

@@ -239,7 +239,9 @@ class ConformerCTC(nn.Module):
         mask = valid_mask(out_lengths, x)  # (B, T')
         for block in self.blocks:
             x = block(x, mask)
-        return torch.log_softmax(self.head(x), dim=-1), out_lengths
+        # log-probs always in fp32: under bf16 (autocast or bf16 weights) the head's output has
+        # 8 bits of mantissa, too coarse for the CTC lattice; a no-op in an fp32 model
+        return torch.log_softmax(self.head(x).float(), dim=-1), out_lengths  # (B, T', V)
 
 
 class SpecAugment(nn.Module):

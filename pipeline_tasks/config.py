@@ -301,7 +301,8 @@ class TrainConfig(_Section):
     grad_clip: float = 5.0
     grad_accum: int = Field(1, ge=1)
     zero_stage: int = Field(0, ge=0, le=3)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU; on CPU bf16 autocast (fp32 weights) where the CPU has native bf16, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     world_size: int = Field(1, ge=1)  # processes on this node
     # nodes: > 1 runs one mapped `train_node` task per node (each world_size ranks) that meet in
     # torchrun's c10d rendezvous, node 0 hosting it (pipeline_tasks/services/multinode.py)

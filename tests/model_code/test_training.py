@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -30,10 +31,17 @@ def test_ds_config_is_generated_from_the_typed_arguments(tmp_path):
     assert cpu["zero_optimization"] == {"stage": 2}
     assert cpu["optimizer"]["type"] == "AdamW" and cpu["optimizer"]["params"]["lr"] == 1e-3
     assert cpu["optimizer"]["params"]["torch_adam"] is True  # no JIT-compiled CPU Adam
-    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]  # auto → fp32 on CPU
+    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]  # fp32 weights on a CPU
     gpu = build_ds_config(a, "cuda")
     assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["torch_adam"] is False
-    assert resolve_precision("bf16", "cpu") == "fp32" and resolve_precision("fp16", "cuda") == "fp16"
+    assert resolve_precision("fp16", "cuda") == "fp16" and resolve_precision("auto", "cuda") == "bf16"
+    # bf16 (or auto) on a CPU: autocast with fp32 weights where the CPU has native bf16, else fp32
+    assert resolve_precision("auto", "cpu", native_bf16=True) == "bf16-autocast"
+    assert resolve_precision("auto", "cpu", native_bf16=False) == "fp32"
+    assert resolve_precision("bf16", "cpu", native_bf16=True) == "bf16-autocast"
+    assert resolve_precision("bf16", "cpu", native_bf16=False) == "fp32"
+    assert resolve_precision("fp16", "cpu", native_bf16=True) == "fp32"
+    assert not build_ds_config(dataclasses.replace(a, precision="bf16"), "cpu")["bf16"]["enabled"]
     assert json.loads(json.dumps(cpu)) == cpu
     assert TrainArgs.from_json(a.to_json()) == a
 
@@ -102,6 +110,21 @@ def test_tiny_run_learns_logs_and_packages_a_loadable_model(tmp_path):
     assert json.loads((out / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
     # the run restored the process-wide settings it changed
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_bf16_on_a_cpu_computes_under_autocast_and_keeps_fp32_weights(tmp_path, monkeypatch):
+    import model_code.training as training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)  # autocast runs on any CPU
+    ref = train(tiny_args(tmp_path / "fp32", epochs=1, precision="fp32"))
+    res = train(tiny_args(tmp_path / "bf16", epochs=1, precision="bf16"))
+    assert ref["precision"] == "fp32" and res["precision"] == "bf16-autocast"
+    # same seed and batches: the first loss differs only by bf16 rounding of the forward
+    l_ref, l_bf = ref["step_log"][0][1], res["step_log"][0][1]  # [step, loss, lr]
+    assert l_bf != l_ref and abs(l_bf - l_ref) < 0.02 * l_ref
+    model, _, _ = load_model_dir(tmp_path / "bf16" / "out" / res["model_dir"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert params_digest(model) == res["params_sha256"]
 
 
 def test_time_cap_stops_cleanly_after_a_step_then_evaluates_and_saves(tmp_path):
