@@ -160,6 +160,9 @@ class TrainResult(StepResult, total=False):
     nnodes: int  # nodes (mapped train_node tasks) that trained it; 1: the single train task
     # train.ema_decay > 0: decay, dev_{wer,cer,loss}_{ema,raw}, used ("ema" | "raw"); else None
     ema: dict[str, Any] | None
+    # the precision the run used: train.precision resolved on its device (fp32, bf16, fp16,
+    # bf16-autocast = bf16 compute with fp32 weights on a CPU with native bf16)
+    precision: str | None
 
 
 class EvaluateResult(StepResult, total=False):

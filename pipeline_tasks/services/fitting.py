@@ -385,6 +385,8 @@ def fit(
             track("log ema", lambda: mlflow.log_metrics(
                 {f"final/ema_{k}": float(v) for k, v in ema.items() if k.startswith("dev_") and v is not None}))
             track("tag ema", lambda: mlflow.set_tag("asrflow.ema_used", ema["used"]))
+        if res.get("precision"):  # what `auto` resolved to on this machine (bf16-autocast, fp32, ...)
+            track("tag precision", lambda: mlflow.set_tag("asrflow.precision", res["precision"]))
         from pipeline_tasks.services.multinode import throughput, throughput_metrics
 
         tput = throughput(res.get("rank_stats") or [])
@@ -419,4 +421,5 @@ def fit(
         "init": "warm" if warm else "scratch",
         "lineage": lineage,
         "ema": res.get("ema"),
+        "precision": res.get("precision"),
     }

@@ -143,6 +143,7 @@ def _fit_record(
         "lineage": lineage,
         "throughput": res.get("throughput") or {},
         "ema": res.get("ema"),
+        "precision": res.get("precision"),
         "nnodes": int(tcfg.train.nnodes) if node is not None or _on_kubernetes(tcfg) else 1,
         "launcher": tcfg.train.launcher,
     }

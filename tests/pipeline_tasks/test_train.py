@@ -49,6 +49,8 @@ def test_train_step_publishes_model_history_curve_and_tracks_mlflow(tiny_cfg, sp
     assert run.info.status == "FINISHED"
     assert float(run.data.params["train.lr"]) == 0.003
     assert run.data.tags["train_md5"] == split["train_md5"] and run.data.tags["git_commit"]
+    # the precision the tiny profile's fp32 resolved to, in the record and on the run
+    assert res["precision"] == "fp32" and run.data.tags["asrflow.precision"] == "fp32"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == res["steps"]
     assert len(client.get_metric_history(run.info.run_id, "epoch/dev_cer")) == 2
     assert {"curve.png", "history.json", "ds_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
