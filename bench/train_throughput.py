@@ -1,7 +1,8 @@
 """Training throughput of the real DeepSpeed loop: audio-seconds per second, padding, data waiting.
 
     .venv/bin/python bench/train_throughput.py [--steps 200] [--profile local] [--index train.parquet]
-                                               [--workers 0 1] [--json bench/results/train_throughput.json]
+                                               [--workers 0 1] [--precisions fp32 bf16]
+                                               [--json bench/results/train_throughput.json]
 
 Runs :func:`model_code.training.train` (the same code the ``train`` step runs: DeepSpeed engine,
 DynamicBucketingSampler, DataLoader, SpecAugment, CTC) for ``--steps`` optimizer steps of the
@@ -13,8 +14,11 @@ profile's model and sampler settings, once per DataLoader worker count in ``--wo
 
 Figures per variant: audio-seconds trained per wall second (steady state: the first 5 steps are
 excluded), padding share, share of step time spent waiting for the next batch, p50/p95 batch
-load time, ms per step. With CUDA, each variant also runs bf16 vs fp32 and samples GPU
-utilization (``torch.cuda.utilization``, needs pynvml) and peak memory; without CUDA it says so.
+load time, ms per step, and each precision's speed as a ratio to fp32 with the same workers.
+``--precisions`` defaults to bf16 and fp32 on CUDA and on CPUs with native bf16 (where
+``train.precision: bf16`` means bf16 autocast with fp32 weights), fp32 alone elsewhere; the
+``precision`` column is what the run resolved to. With CUDA it also samples GPU utilization
+(``torch.cuda.utilization``, needs pynvml) and peak memory; without CUDA it says so.
 Nothing is asserted: the machine is shared, compare variants of one run.
 """
 
@@ -100,7 +104,7 @@ def run_variant(cfg, index: Path, steps: int, workers: int, precision: str, tmp:
 
     from model_code.dataset import FeatureTable
     from model_code.training import train
-    from pipeline_tasks.steps.train import make_tokenizer, train_args
+    from pipeline_tasks.services.fitting import make_tokenizer, train_args
 
     tok = make_tokenizer(cfg, FeatureTable(index, in_memory=False).texts())
     out = tmp / f"out-w{workers}-{precision}"
@@ -162,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--utterances", type=int, default=1200, help="synthetic utterances")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16", "fp16", "auto"],
+                   help="train.precision values to compare (default: bf16 and fp32 where bf16 is native)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     ns = p.parse_args(argv)
 
     import torch
 
+    from model_code.training import cpu_has_native_bf16
     from pipeline_tasks.config import load_config
 
     cfg = load_config(ns.profile, [*ns.overrides, f"train.torch_threads={ns.threads}"])
@@ -176,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = ns.index or synthetic_index(tmp, ns.utterances, cfg.features.n_mels)
         src = str(ns.index) if ns.index else f"synthetic ({ns.utterances} utts, log-normal durations, median 3 s)"
-        precisions = ["bf16", "fp32"] if cuda else ["fp32"]
+        precisions = ns.precisions or (["fp32", "bf16"] if cuda or cpu_has_native_bf16() else ["fp32"])
         rows = [run_variant(cfg, index, ns.steps, w, prec, tmp) for w in ns.workers for prec in precisions]
+        for r in rows:  # speed relative to fp32 with the same worker count, in this run
+            base = next((b for b in rows if b["workers"] == r["workers"] and b["precision"] == "fp32"), None)
+            r["speed_vs_fp32"] = r["audio_s_per_s"] / base["audio_s_per_s"] if base else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cmd = " ".join([".venv/bin/python", "bench/train_throughput.py", *(argv if argv is not None else sys.argv[1:])])
@@ -186,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.train.sampler.max_duration_s}, num_buckets={cfg.train.sampler.num_buckets}; "
           f"cores={os.cpu_count()}; load average at end={os.getloadavg()[0]:.1f}")
     if not cuda:
-        print("# no CUDA device: GPU parts (utilization, bf16 vs fp32, memory probe) not run")
-    hdr = ["workers", "precision", "audio_s_per_s", "padding_share", "data_wait_share", "batch_load_p50_ms",
+        print(f"# no CUDA device: GPU utilization and memory not sampled; CPU native bf16: {cpu_has_native_bf16()}")
+    hdr = ["workers", "precision", "audio_s_per_s", "speed_vs_fp32", "padding_share", "data_wait_share", "batch_load_p50_ms",
            "batch_load_p95_ms", "ms_per_step", "utts_per_batch"] + (["gpu_util_mean_pct", "gpu_peak_mem_gb"] if cuda else [])
     print(" | ".join(hdr))
     for r in rows:
