@@ -179,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(ns.profile, [*ns.overrides, f"train.torch_threads={ns.threads}"])
     cuda = torch.cuda.is_available()
+    native_bf16 = cpu_has_native_bf16()
     tmp = Path(tempfile.mkdtemp(prefix="asrflow-bench-train-"))
     try:
         index = ns.index or synthetic_index(tmp, ns.utterances, cfg.features.n_mels)
         src = str(ns.index) if ns.index else f"synthetic ({ns.utterances} utts, log-normal durations, median 3 s)"
-        precisions = ns.precisions or (["fp32", "bf16"] if cuda or cpu_has_native_bf16() else ["fp32"])
+        precisions = ns.precisions or (["fp32", "bf16"] if cuda or native_bf16 else ["fp32"])
         rows = [run_variant(cfg, index, ns.steps, w, prec, tmp) for w in ns.workers for prec in precisions]
         for r in rows:  # speed relative to fp32 with the same worker count, in this run
             base = next((b for b in rows if b["workers"] == r["workers"] and b["precision"] == "fp32"), None)
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.train.sampler.max_duration_s}, num_buckets={cfg.train.sampler.num_buckets}; "
           f"cores={os.cpu_count()}; load average at end={os.getloadavg()[0]:.1f}")
     if not cuda:
-        print(f"# no CUDA device: GPU utilization and memory not sampled; CPU native bf16: {cpu_has_native_bf16()}")
+        print(f"# no CUDA device: GPU utilization and memory not sampled; CPU native bf16: {native_bf16}")
     hdr = ["workers", "precision", "audio_s_per_s", "speed_vs_fp32", "padding_share", "data_wait_share", "batch_load_p50_ms",
            "batch_load_p95_ms", "ms_per_step", "utts_per_batch"] + (["gpu_util_mean_pct", "gpu_peak_mem_gb"] if cuda else [])
     print(" | ".join(hdr))

@@ -117,27 +117,24 @@ _PROJECT = ("pipeline_tasks", "model_code", "data_contracts", "synth", "devstack
 
 
 def _missing_project_names(path: Path) -> list[str]:
-    """``from <project module> import name`` lines of ``path`` whose module or name does not exist."""
+    """Project modules or names imported by ``path`` (as :func:`_imports` reads them) that do not
+    exist: ``a.b.c`` resolves as a module, or as attribute ``c`` of module ``a.b``."""
     import importlib
 
     missing = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
-            continue
-        if node.module.split(".")[0] not in _PROJECT:
-            continue
+    for name in sorted(n for n in _imports(path) if n.split(".")[0] in _PROJECT):
         try:
-            mod = importlib.import_module(node.module)
-        except ImportError as e:
-            missing.append(f"{node.lineno}: {node.module} ({e})")
+            importlib.import_module(name)
             continue
-        for a in node.names:
-            if a.name == "*" or hasattr(mod, a.name):
+        except ImportError:
+            pass
+        parent, _, attr = name.rpartition(".")
+        try:
+            if parent and hasattr(importlib.import_module(parent), attr):
                 continue
-            try:
-                importlib.import_module(f"{node.module}.{a.name}")
-            except ImportError:
-                missing.append(f"{node.lineno}: {node.module}.{a.name}")
+        except ImportError:
+            pass
+        missing.append(name)
     return missing
 
 
