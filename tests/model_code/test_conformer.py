@@ -6,8 +6,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from model_code.conformer import ConformerCTC, SpecAugment, count_parameters, subsampled_lengths
+from model_code.conformer import (
+    ConformerCTC,
+    Conv2dNHWC,
+    Dropout,
+    SpecAugment,
+    count_parameters,
+    packed_dropout,
+    subsampled_lengths,
+)
 
 KW = dict(n_mels=80, vocab_size=29, d_model=32, n_layers=2, n_heads=4, ff_mult=2, conv_kernel=7,
           dropout=0.1, subsampling_channels=16)
@@ -134,3 +144,81 @@ def test_bf16_forward_close_to_fp32(model):
         assert torch.isfinite(got[i, :n]).all()
         # bf16 rounding alone gives ~0.002 here; positions computed in bf16 gave ~0.03
         assert (p_ref[i, :n] - p_got[i, :n]).abs().max() < 0.01
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3000), st.floats(0.0, 0.95), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**31 - 1))
+def test_packed_dropout_zeroes_or_scales_every_element(n, p, dtype, seed):
+    """Any size (not only multiples of 4), any p: each element is 0 or x / (1 - p'), dtype kept."""
+    torch.manual_seed(seed)
+    x = (torch.rand(n) + 0.5).to(dtype)
+    y = packed_dropout(x, p)
+    assert y.shape == x.shape and y.dtype == dtype
+    drop = round(p * 65536)
+    scale = 65536.0 / (65536 - drop) if drop < 65536 else 0.0
+    kept = y != 0
+    expect = (x.float() * scale).to(dtype)
+    assert torch.equal(y[kept], expect[kept])
+    if drop == 0:
+        assert torch.equal(y, x)
+
+
+def test_packed_dropout_share_independence_expectation_and_seed():
+    """The share dropped is p, neighbours (lanes of one 64-bit draw) are independent, the
+    expectation is kept, the global seed reproduces the mask, and the gradient is mask × scale."""
+    x = torch.ones(400_000, requires_grad=True)
+    for p in (0.1, 0.3):
+        torch.manual_seed(3)
+        y = packed_dropout(x, p)
+        keep = (y.detach() != 0).float()
+        assert abs(float(keep.mean()) - (1 - p)) < 0.004
+        assert abs(float(y.detach().mean()) - 1.0) < 0.006
+        # lanes k and k+1 of one draw, and the same lane of consecutive draws: P(both kept) = (1-p)^2
+        k4 = keep.view(-1, 4)
+        for a, b in ((k4[:, 0], k4[:, 1]), (k4[:, 2], k4[:, 3]), (k4[:-1, 0], k4[1:, 0])):
+            assert abs(float((a * b).mean()) - (1 - p) ** 2) < 0.006
+        torch.manual_seed(3)
+        assert torch.equal(packed_dropout(x, p), y)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert torch.equal(g, keep / (1 - round(p * 65536) / 65536))
+
+
+def test_model_dropout_is_packed_on_cpu_and_off_in_eval():
+    torch.manual_seed(0)
+    m = ConformerCTC(**KW)
+    assert not any(type(mod) is torch.nn.Dropout for mod in m.modules())
+    assert sum(isinstance(mod, Dropout) for mod in m.modules()) == 1 + 6 * KW["n_layers"]  # the input, 2 per feed-forward, attention, conv
+    x, lens = torch.randn(2, 60, 80), torch.tensor([60, 41])
+    m.train()
+    torch.manual_seed(1)
+    a, _ = m(x, lens)
+    torch.manual_seed(2)
+    b, _ = m(x, lens)
+    torch.manual_seed(1)
+    a2, _ = m(x, lens)
+    assert not torch.equal(a, b) and torch.equal(a, a2)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x, lens)[0], m(x, lens)[0])
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.5)
+
+
+def test_front_end_runs_channels_last_with_contiguous_parameters():
+    """The convs compute NHWC (fast on CPU) yet give the NCHW result, and every parameter stays
+    contiguous: DeepSpeed views each parameter as bytes to broadcast it."""
+    torch.manual_seed(0)
+    for c_in in (1, 16):  # one input channel: the case where .contiguous() would keep NCHW
+        mod = Conv2dNHWC(c_in, 16, 3, stride=2, padding=1)
+        ref = torch.nn.Conv2d(c_in, 16, 3, stride=2, padding=1)
+        ref.load_state_dict(mod.state_dict())
+        x = torch.randn(3, c_in, 101, 80)
+        got = mod(x)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(got, ref(x), atol=1e-5)
+    m = ConformerCTC(**KW)
+    assert isinstance(m.subsample.conv1, Conv2dNHWC) and isinstance(m.subsample.conv2, Conv2dNHWC)
+    lp, _ = m(torch.randn(2, 60, 80), torch.tensor([60, 41]))
+    lp.sum().backward()
+    assert all(p.is_contiguous() and (p.grad is None or p.grad.is_contiguous()) for p in m.parameters())
