@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--tune", action="store_true", help="run the tune step too (both arms)")
     ap.add_argument("--arms", default="warm,scratch")
     ap.add_argument("--work", default=str(REPO / "artifacts" / "bench-continuous"))
-    ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for both arms")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for both arms (corpus.* keys also shape the synthesized weeks)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -63,8 +63,9 @@ def main() -> int:
 
     work = Path(args.work)
     landing, golden = work / "shared" / "landing", work / "shared" / "golden_set"
+    # --set corpus.* changes the synthesized weeks too (the golden set's slices are fixed in code)
     shared = load_config(args.profile, [f"paths.root={work / 'shared'}", f"paths.landing_url={landing}",
-                                        f"paths.golden_dir={golden}"])
+                                        f"paths.golden_dir={golden}", *args.extra])
     rows: dict[str, list[dict]] = {a: [] for a in args.arms.split(",")}
     t_all = time.monotonic()
     for week in range(1, args.weeks + 1):
