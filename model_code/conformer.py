@@ -8,6 +8,7 @@ Layout of :class:`ConformerCTC` (shapes for a batch of B utterances, T feature f
                                                                            (B, T', d_model)
       → + sinusoidal positions, n_layers × ConformerBlock (masked)         (B, T', d_model)
       → linear + log_softmax                                               (B, T', vocab)
+      (training with intermediate CTC: the same linear + log_softmax on block k's output too)
 
 Everything that depends on the sequence length is computed from tensor shapes and the
 ``lengths`` tensor (``x.shape[1]`` inside traced ops, ``torch.arange`` against lengths), never
@@ -295,7 +296,15 @@ class ConformerCTC(nn.Module):
         )
         self.head = nn.Linear(d_model, vocab_size)
 
-    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, feats: torch.Tensor, lengths: torch.Tensor, inter_layer: int = 0
+    ) -> tuple[torch.Tensor, ...]:
+        """``inter_layer = k > 0`` (training only) also returns the log-probs of the shared head on
+        the output of block k, for intermediate CTC (Lee & Watanabe 2021): ``(log_probs, out_lengths,
+        inter_log_probs (B, T', V))``. It adds no parameter, so the weights and the exported graph
+        (which never passes it) are the same with or without it."""
+        if inter_layer and not 0 < inter_layer < len(self.blocks):
+            raise ValueError(f"inter_layer must be in 1..{len(self.blocks) - 1}, got {inter_layer}")
         x = normalize_features(feats, lengths)  # (B, T, F)
         x, out_lengths = self.subsample(x, lengths)  # (B, T', D)
         if self.pos_encoding == "sinusoidal":
@@ -304,11 +313,15 @@ class ConformerCTC(nn.Module):
         # decoding sees speech at any offset the way training did)
         x = self.drop(x)
         mask = valid_mask(out_lengths, x)  # (B, T')
-        for block in self.blocks:
+        inter = None
+        for i, block in enumerate(self.blocks, start=1):
             x = block(x, mask)
+            if i == inter_layer:
+                inter = torch.log_softmax(self.head(x).float(), dim=-1)  # (B, T', V); blocks end in a LayerNorm
         # log-probs always in fp32: under bf16 (autocast or bf16 weights) the head's output has
         # 8 bits of mantissa, too coarse for the CTC lattice; a no-op in an fp32 model
-        return torch.log_softmax(self.head(x).float(), dim=-1), out_lengths  # (B, T', V)
+        log_probs = torch.log_softmax(self.head(x).float(), dim=-1)  # (B, T', V)
+        return (log_probs, out_lengths) if inter is None else (log_probs, out_lengths, inter)
 
 
 class SpecAugment(nn.Module):

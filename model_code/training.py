@@ -112,6 +112,11 @@ class TrainArgs:
     # exponential moving average of the weights (0 = off): the packaged model gets the averaged
     # weights unless the raw ones score a lower dev CER at the end (both are recorded)
     ema_decay: float = 0.0
+    # intermediate CTC (Lee & Watanabe 2021): loss = (1 - w) * CTC(final) + w * CTC(block k's
+    # output through the shared head); w = inter_ctc_weight (0 = off), k = inter_ctc_layer
+    # (0 = n_layers // 2). No extra parameters; the logged "loss" stays the final layer's CTC loss
+    inter_ctc_weight: float = 0.0
+    inter_ctc_layer: int = 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -661,6 +666,14 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
 
     # ---- model + engine
     model = ConformerCTC(**args.model_kwargs)
+    inter_layer = 0
+    if args.inter_ctc_weight > 0:
+        inter_layer = args.inter_ctc_layer or len(model.blocks) // 2
+        if not 0 < inter_layer < len(model.blocks):
+            raise ValueError(
+                f"train.inter_ctc_layer must be in 1..{len(model.blocks) - 1} for a {len(model.blocks)}-block "
+                f"model, got {inter_layer}"
+            )
     if args.init_weights:
         # the parent's weights (a checkpoint of this run, if any, overrides them below)
         model.load_state_dict(torch.load(args.init_weights, map_location="cpu", weights_only=True), strict=True)
@@ -795,10 +808,15 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
                     feat_lens = b["feat_lens"].to(device)
                     if specaug is not None:
                         feats = specaug(feats, feat_lens)
+                    tokens, token_lens = b["tokens"].to(device), b["token_lens"].to(device)
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_autocast):
-                        log_probs, out_lens = engine(feats.to(in_dtype), feat_lens)
-                    loss = ctc_loss(log_probs, out_lens, b["tokens"].to(device), b["token_lens"].to(device))
-                    engine.backward(loss)
+                        out = engine(feats.to(in_dtype), feat_lens, inter_layer=inter_layer)
+                    loss = ctc_loss(out[0], out[1], tokens, token_lens)
+                    if inter_layer:
+                        inter_loss = ctc_loss(out[2], out[1], tokens, token_lens)
+                        engine.backward((1.0 - args.inter_ctc_weight) * loss + args.inter_ctc_weight * inter_loss)
+                    else:
+                        engine.backward(loss)
                     lr_used = float(scheduler.get_last_lr()[0])  # the LR this optimizer step applies
                     own_gn = None
                     if args.zero_stage == 0 and engine.is_gradient_accumulation_boundary():

@@ -343,6 +343,11 @@ class TrainConfig(_Section):
     # exponential moving average of the weights (0 = off); the model is published with the average
     # unless the raw weights score a lower dev CER at the end (model_code.training.WeightEMA)
     ema_decay: float = Field(0.0, ge=0, lt=1)
+    # intermediate CTC: loss = (1 - w) CTC(final) + w CTC(block k through the same head), w this
+    # weight (0 = off), k = inter_ctc_layer (0 = model.n_layers // 2); no new weights, inference
+    # and export unchanged (model_code.conformer.ConformerCTC.forward)
+    inter_ctc_weight: float = Field(0.0, ge=0, lt=1)
+    inter_ctc_layer: int = Field(0, ge=0)
 
     @field_validator("init_from")
     @classmethod
@@ -530,6 +535,17 @@ class AsrflowConfig(_Section):
                 "train.augment.speed_perturb needs speed-perturbed features: set features.speed_factors "
                 "(e.g. [0.9, 1.0, 1.1])"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _inter_ctc_layer_in_model(self) -> AsrflowConfig:
+        if self.train.inter_ctc_weight > 0:
+            k = self.train.inter_ctc_layer or self.model.n_layers // 2
+            if not 0 < k < self.model.n_layers:
+                raise ValueError(
+                    f"train.inter_ctc_layer must be in 1..{self.model.n_layers - 1} (a block below the last) "
+                    f"for model.n_layers={self.model.n_layers}, got {k}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -136,6 +136,8 @@ def train_args(
         meta=dict(meta or {}),
         ds_shm_comm=t.ds_shm_comm,
         ema_decay=t.ema_decay,
+        inter_ctc_weight=t.inter_ctc_weight,
+        inter_ctc_layer=t.inter_ctc_layer,
         init_weights=str(Path(parent.model_dir) / "weights.pt") if warm else None,
         replay={"new_batches": list(new_batches or []), "share": t.replay_share, "new_repeats": t.new_data_repeats}
         if warm

@@ -15,8 +15,11 @@ from model_code.conformer import (
     Dropout,
     SpecAugment,
     count_parameters,
+    normalize_features,
     packed_dropout,
+    sinusoidal_positions,
     subsampled_lengths,
+    valid_mask,
 )
 
 KW = dict(n_mels=80, vocab_size=29, d_model=32, n_layers=2, n_heads=4, ff_mult=2, conv_kernel=7,
@@ -222,3 +225,25 @@ def test_front_end_runs_channels_last_with_contiguous_parameters():
     lp, _ = m(torch.randn(2, 60, 80), torch.tensor([60, 41]))
     lp.sum().backward()
     assert all(p.is_contiguous() and (p.grad is None or p.grad.is_contiguous()) for p in m.parameters())
+
+
+def test_intermediate_ctc_head_reads_block_k_and_leaves_the_output_unchanged(model):
+    """``inter_layer=k`` adds the shared head's log-probs on block k's output; the final output is
+    the same as without it (eval mode, so no dropout draws differ)."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 50, 80)
+    lens = torch.tensor([50, 33])
+    with torch.no_grad():
+        plain, plain_lens = model(x, lens)
+        lp, out_lens, inter = model(x, lens, inter_layer=1)
+        # by hand: the front end, block 1, the shared head
+        h, hl = model.subsample(normalize_features(x, lens), lens)
+        h = h * model.pos_scale + sinusoidal_positions(h)
+        h = model.blocks[0](h, valid_mask(hl, h))
+        want = torch.log_softmax(model.head(h).float(), dim=-1)
+    assert torch.equal(lp, plain) and torch.equal(out_lens, plain_lens)
+    assert inter.shape == lp.shape
+    torch.testing.assert_close(inter, want)
+    assert not torch.allclose(inter, lp)  # a different layer, not the final one again
+    with pytest.raises(ValueError, match="inter_layer"):
+        model(x, lens, inter_layer=KW["n_layers"])  # the last block is the final output

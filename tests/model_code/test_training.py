@@ -377,3 +377,18 @@ def test_raw_weights_are_kept_when_they_score_better_on_dev(tmp_path):
     assert rec["used"] == "raw" and params_digest(model) == raw and 0.0 <= rec["dev_cer_raw"] <= 1.5
     rec = _finish_ema(ema, model, [{"dev_cer": -1.0, "dev_loss": 0.0, "dev_wer": 0.0}], *common)
     assert rec["used"] == "ema" and all(float(p.detach().abs().sum()) == 0.0 for p in model.parameters())
+
+
+def test_intermediate_ctc_changes_the_update_not_the_logged_loss(tmp_path):
+    """``inter_ctc_weight`` adds block k's CTC loss to what is minimized: the first step's logged
+    loss (the final layer's CTC, same weights and batch) is the same, the updated weights are not."""
+    def args(name, **over):
+        a = tiny_args(tmp_path / name, epochs=1, max_steps=1, seed=3, save_model=False, **over)
+        return dataclasses.replace(a, model_kwargs={**a.model_kwargs, "n_layers": 2})
+
+    base = train(args("a"))
+    inter = train(args("b", inter_ctc_weight=0.5, inter_ctc_layer=1))
+    assert base["step_log"][0][1] == pytest.approx(inter["step_log"][0][1], rel=1e-6)
+    assert base["params_sha256"] != inter["params_sha256"]
+    with pytest.raises(ValueError, match="inter_ctc_layer"):
+        train(args("c", inter_ctc_weight=0.5, inter_ctc_layer=2))  # the last block is the final output
