@@ -61,10 +61,13 @@ class CorpusConfig(_Section):
         "babble": 0.08,
         "clipped": 0.05,
     }
-    # week w gets min(1, w / N) of the shares above, of warp_share and of the condition strengths
-    # (ranges narrowed to their mild end): training from scratch on the full mix never left the CTC
-    # plateau (FINDINGS.md). 0 = the full mix from week 1
+    # channel ramp: week w gets min(1, w / N) of condition_shares and of the condition strengths
+    # (ranges narrowed to their mild end): week 1 trained from scratch on the full channel mix stays
+    # on the CTC plateau (golden WER 0.969, bench/README.md; FINDINGS.md). 0 = the full mix from week 1
     diversity_ramp_weeks: int = Field(4, ge=0)
+    # voice ramp: week w gets min(1, w / N) of synth_shares and warp_share. 1 = all voices from week 1
+    # (more Festival and warped voices in week 1: flite 0.784 vs 0.895 golden WER at the same overall)
+    voice_ramp_weeks: int = Field(1, ge=0)
     warp_share: float = Field(0.3, ge=0.0, le=1.0)  # espeak rows with a pitch/formant warp (±100-300 cents)
     festival_stretch: tuple[float, float] = (0.85, 1.2)  # Festival Duration_Stretch per utterance
     level_dbfs: tuple[float, float] = (-20.0, -1.5)  # peak level of every row

@@ -34,11 +34,13 @@ drawn from the shares of a :class:`Mix` (config ``corpus.*``: ``synth_shares``, 
 35 %, espeak the rest; ``condition_shares``, default 50 % of rows get a condition; a share of espeak
 utterances get a warped speaker). Measured: a 50/50 espeak+Festival mix with heavy augmentation,
 trained from scratch, never left the CTC plateau, where clean espeak did. Week 1 trains from scratch
-and later weeks warm-start, so a week's shares and strengths are scaled by ``min(1, week /
-diversity_ramp_weeks)`` (default 4): week 1 is ~75 % clean unwarped espeak with mild conditions
-(RT60 up to 0.4 s, SNR 11-15 dB), week 2 half way, from week 4 the full mix (RT60 0.2-1.0 s,
-noise 0-15 dB SNR, clipping at 15-50 % of the peak). Strengths narrow towards their mild end
-(short RT60, high SNR, light clipping). ``diversity_ramp_weeks = 0`` gives the full mix at once.
+and later weeks warm-start, so a week's condition shares and strengths are scaled by ``min(1, week
+/ diversity_ramp_weeks)`` (default 4): week 1 is ~88 % clean with mild conditions (RT60 up to
+0.4 s, SNR 11-15 dB), week 2 half way, from week 4 the full mix (RT60 0.2-1.0 s, noise 0-15 dB
+SNR, clipping at 15-50 % of the peak). Strengths narrow towards their mild end (short RT60, high
+SNR, light clipping). ``diversity_ramp_weeks = 0`` gives the full channel mix at once. The voices
+(synthesizer shares, warp share) have their own ramp, ``voice_ramp_weeks`` (default 1: every week
+has all of them): the plateau came from the channels, not from the voices (bench/README.md).
 
 Golden set, disjoint from training by construction, in fixed slices (:data:`GOLDEN_SLICES`, version
 :data:`GOLDEN_VERSION`): clean espeak from unseen speakers (30 %), clean Festival with unseen voice
@@ -355,7 +357,7 @@ def plan_week(week: int, utterances: int, seed: int, mix: Mix | None = None) -> 
     ``synth``, ``condition`` and ``speaker`` (cheap: for checking shares and partitions)."""
     mix = mix or Mix()
     mix.check()
-    eff = mix.at(mix.strength(week))
+    eff = mix.week(week)
     jobs = [
         _Job(Path(), "", (seed, STREAM_WEEK, week, i), False, eff, 0.0, DEFAULT_SNR_DB)
         for i in range(utterances)
@@ -387,7 +389,7 @@ def generate_week(
     mix = mix or Mix()
     mix.check()
     strength = mix.strength(week)
-    eff = mix.at(strength)
+    eff = mix.week(week)
     info = {
         "kind": "week",
         "week": week,
@@ -397,6 +399,7 @@ def generate_week(
         "noise_snr_db": list(snr),
         "mix": _mix_info(mix),
         "strength": strength,
+        "voice_strength": mix.voice_strength(week),
         "synth_probs": eff.synth_probs(),
         "condition_probs": eff.condition_probs(),
         "code_version": CODE_VERSION,

@@ -187,6 +187,7 @@ def test_noise_is_added_at_the_drawn_snr():
         {"mix": corpus.Mix(condition_shares={"reverb": 0.8, "noisy": 0.4})},
         {"mix": corpus.Mix(reverb_rt60_s=(1.0, 0.2))},
         {"mix": corpus.Mix(diversity_ramp_weeks=-1)},
+        {"mix": corpus.Mix(voice_ramp_weeks=-1)},
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, kwargs):

@@ -191,16 +191,20 @@ def test_room_impulse_response_decays_at_its_rt60():
 def test_week_shares_follow_the_mix_and_the_ramp():
     mix = corpus.Mix()
     full_synth, full_cond = mix.synth_probs(), mix.condition_probs()
-    for week, s in ((1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
-        plan = corpus.plan_week(week, 2000, seed=3)
-        got_s, got_c = _shares(plan, "synth"), _shares(plan, "condition")
-        assert got_s["festival"] == pytest.approx(full_synth["festival"] * s, abs=0.03), week
-        for c in corpus.CONDITIONS[1:]:
-            assert got_c.get(c, 0.0) == pytest.approx(full_cond[c] * s, abs=0.025), (week, c)
-        warped = sum("_w" in r["speaker"] for r in plan if r["synth"] == "espeak")
-        assert warped / sum(r["synth"] == "espeak" for r in plan) == pytest.approx(
-            mix.warp_share * s, abs=0.03
-        )
+    # the conditions follow diversity_ramp_weeks (4); the voices voice_ramp_weeks (1 by default,
+    # 4 in the second mix): each ramp moves only its own shares
+    for vmix, vramp in ((mix, 1), (corpus.Mix(voice_ramp_weeks=4), 4)):
+        for week, s in ((1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
+            v = min(1.0, week / vramp)
+            plan = corpus.plan_week(week, 2000, seed=3, mix=vmix)
+            got_s, got_c = _shares(plan, "synth"), _shares(plan, "condition")
+            assert got_s["festival"] == pytest.approx(full_synth["festival"] * v, abs=0.03), (week, vramp)
+            for c in corpus.CONDITIONS[1:]:
+                assert got_c.get(c, 0.0) == pytest.approx(full_cond[c] * s, abs=0.025), (week, c)
+            warped = sum("_w" in r["speaker"] for r in plan if r["synth"] == "espeak")
+            assert warped / sum(r["synth"] == "espeak" for r in plan) == pytest.approx(
+                mix.warp_share * v, abs=0.03
+            )
     # week 0 is all clean, unwarped espeak; no ramp gives the full mix at once
     assert all(
         r == {**r, "synth": "espeak", "condition": "clean"} and "_w" not in r["speaker"]
@@ -236,7 +240,7 @@ def test_full_mix_week_is_byte_identical_and_has_every_synth_and_condition(tmp_p
     assert 0.2 < _shares(rows, "synth")["festival"] < 0.6
     assert b["manifest_sha256"] == a["manifest_sha256"]
     info = json.loads((tmp_path / "a" / "week-003" / "corpus_info.json").read_text())
-    assert info["strength"] == 1.0 and info["code_version"] == corpus.CODE_VERSION
+    assert info["strength"] == info["voice_strength"] == 1.0 and info["code_version"] == corpus.CODE_VERSION
 
 
 def test_tiny_week_rows_match_their_plan(tiny_landing):
