@@ -1,4 +1,4 @@
-"""Training-time augmentation on cached log-mel features: speed-variant choice, noise, reverb.
+"""Training-time augmentation on cached log-mel features: speed-variant choice, VTLP, noise, reverb.
 
 SpecAugment (masks) lives with the model (:class:`model_code.conformer.SpecAugment`); this module
 holds what is drawn per *utterance*, in numpy, from a pure function of ``(seed, epoch, index)``:
@@ -12,7 +12,11 @@ holds what is drawn per *utterance*, in numpy, from a pure function of ``(seed, 
   *linear* mel energies (``exp(feats) - log_offset``) and taken back to log, so they act like
   their waveform-domain counterparts without touching audio: stationary coloured noise adds to
   the mel power (powers of uncorrelated signals add), and a room's exponentially decaying energy
-  tail smears each mel band's power over the following frames (decay of 60 dB in T60).
+  tail smears each mel band's power over the following frames (decay of 60 dB in T60). It also
+  does vocal-tract-length perturbation (:func:`vtlp_warp`, Jaitly & Hinton 2013): the mel axis is
+  read through a piecewise-linear frequency warp of drawn factor α, which moves formants the way a
+  shorter (α > 1) or longer (α < 1) vocal tract would. It is the speaker counterpart of the
+  corpus's pitch/formant warps, drawn anew every epoch.
 
 Why features and not waveforms: the Parquet feature cache is the one source of training features;
 noise and reverb drawn anew every epoch cannot be cached, and recomputing log-mels from audio in
@@ -24,6 +28,7 @@ No torch: this runs in DataLoader workers and in the sampler.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +38,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SALT_VARIANT = 0x5BEED  # variant choice
 _SALT_AUG = 0xA06  # noise / reverb draws
+_SALT_VTLP = 0x71F  # VTLP draws: their own stream, so turning VTLP on leaves noise/reverb draws as they were
 
 # energy decays by 60 dB (a factor 1e6) over T60: E(t) = exp(-ln(1e6) t / T60)
 _LN_1E6 = float(np.log(1e6))
@@ -146,13 +152,64 @@ def add_reverb(feats: np.ndarray, t60_s: float, frame_s: float = 0.01, log_offse
     return _to_log(out, log_offset)
 
 
-class FeatureAugment:
-    """Noise and reverb on one utterance's log-mel features, drawn from ``(seed, epoch, index)``.
+@functools.lru_cache(maxsize=16)
+def mel_centers_hz(n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> np.ndarray:
+    """Centre frequencies ``(n_mels,)`` in Hz of the front end's HTK mel bands
+    (:func:`model_code.features.mel_filterbank`: ``n_mels + 2`` points equally spaced in mel)."""
+    hi = float(sample_rate) / 2.0 if f_max is None else float(f_max)
+    m = np.linspace(2595.0 * np.log10(1.0 + f_min / 700.0), 2595.0 * np.log10(1.0 + hi / 700.0), n_mels + 2)
+    c = 700.0 * (10.0 ** (m[1:-1] / 2595.0) - 1.0)
+    c.setflags(write=False)
+    return c
 
-    Per call: with probability ``reverb_prob`` a reverb of T60 ~ U(``reverb_t60_s``), then with
+
+def vtlp_source_hz(freqs_hz: np.ndarray, alpha: float, nyquist_hz: float, f_hi_hz: float | None = None) -> np.ndarray:
+    """Where each output frequency reads the input, for a VTLP warp of factor ``alpha``: ``(F,)`` Hz.
+
+    The forward warp (Jaitly & Hinton 2013) maps input frequency ``f`` to ``α·f`` up to the
+    boundary ``f_b = f_hi·min(α, 1)/α``, then linearly so that the Nyquist frequency stays put
+    (monotone, continuous). ``f_hi`` defaults to 0.6 × Nyquist (their 4,800 Hz at 16 kHz). Content at ``f`` in the input appears at the warped frequency in the
+    output, so output frequency ``g`` reads the input at the inverse warp of ``g``.
+    """
+    g = np.asarray(freqs_hz, dtype=np.float64)
+    a = float(alpha)
+    f_hi_hz = 0.6 * nyquist_hz if f_hi_hz is None else float(f_hi_hz)
+    f_b = f_hi_hz * min(a, 1.0) / a  # input-side boundary
+    g_b = a * f_b  # its output-side image
+    upper = nyquist_hz - (nyquist_hz - g) * (nyquist_hz - f_b) / (nyquist_hz - g_b)
+    return np.where(g <= g_b, g / a, upper)
+
+
+def vtlp_warp(feats: np.ndarray, alpha: float, centers_hz: np.ndarray, nyquist_hz: float,
+              f_hi_hz: float | None = None) -> np.ndarray:
+    """Log-mel ``(T, F)`` → log-mel ``(T, F)`` of the same speech with its spectrum warped by ``alpha``.
+
+    Each output band reads the input at :func:`vtlp_source_hz` of its centre, between the two
+    nearest input bands (linear in log energy; clamped at the lowest and highest band). ``alpha``
+    1 returns the input unchanged; > 1 moves spectral content up (a shorter vocal tract).
+    """
+    f = feats.shape[1]
+    if feats.size == 0 or float(alpha) == 1.0:
+        return feats.astype(np.float32)
+    src = vtlp_source_hz(centers_hz, alpha, nyquist_hz, f_hi_hz)  # (F,) Hz
+    pos = np.interp(src, centers_hz, np.arange(f, dtype=np.float64))  # (F,) fractional band index
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, f - 1)
+    w = (pos - lo).astype(np.float32)  # (F,)
+    x = feats.astype(np.float32, copy=False)
+    return x[:, lo] * (1.0 - w) + x[:, hi] * w
+
+
+class FeatureAugment:
+    """VTLP, noise and reverb on one utterance's log-mel features, drawn from ``(seed, epoch, index)``.
+
+    Per call: with probability ``vtlp_prob`` a VTLP warp of factor α ~ U(``vtlp_alpha``) (the
+    speaker first; its own random stream, so the draws below do not depend on it); then with
+    probability ``reverb_prob`` a reverb of T60 ~ U(``reverb_t60_s``), then with
     probability ``noise_prob`` noise at SNR ~ U(``noise_snr_db``) dB with a spectral tilt ~
     U(-12, 6) dB (reverberant speech in a noisy room: the noise is not reverberated). ``frame_s`` is
-    the hop in seconds, ``log_offset`` the front end's (``model_code.features.logmel``).
+    the hop in seconds; ``log_offset``, ``sample_rate``, ``f_min`` and ``f_max`` are the front end's
+    (``model_code.features.logmel``): VTLP needs the mel bands' centre frequencies.
     """
 
     def __init__(
@@ -161,23 +218,43 @@ class FeatureAugment:
         noise_snr_db: Sequence[float] = (5.0, 30.0),
         reverb_prob: float = 0.0,
         reverb_t60_s: Sequence[float] = (0.2, 0.8),
+        vtlp_prob: float = 0.0,
+        vtlp_alpha: Sequence[float] = (0.9, 1.1),
         frame_s: float = 0.01,
         log_offset: float = 1e-6,
+        sample_rate: int = 16000,
+        f_min: float = 0.0,
+        f_max: float | None = None,
         seed: int = 0,
     ) -> None:
-        for name, p in (("noise_prob", noise_prob), ("reverb_prob", reverb_prob)):
+        for name, p in (("noise_prob", noise_prob), ("reverb_prob", reverb_prob), ("vtlp_prob", vtlp_prob)):
             if not 0.0 <= float(p) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         if noise_snr_db[0] > noise_snr_db[1] or reverb_t60_s[0] > reverb_t60_s[1] or reverb_t60_s[0] <= 0:
             raise ValueError(f"bad ranges: noise_snr_db {noise_snr_db}, reverb_t60_s {reverb_t60_s}")
-        self.noise_prob, self.reverb_prob = float(noise_prob), float(reverb_prob)
+        if not 0.0 < vtlp_alpha[0] <= vtlp_alpha[1]:
+            raise ValueError(f"bad range: vtlp_alpha {vtlp_alpha} (need 0 < low <= high)")
+        self.noise_prob, self.reverb_prob, self.vtlp_prob = float(noise_prob), float(reverb_prob), float(vtlp_prob)
         self.noise_snr_db = (float(noise_snr_db[0]), float(noise_snr_db[1]))
         self.reverb_t60_s = (float(reverb_t60_s[0]), float(reverb_t60_s[1]))
+        self.vtlp_alpha = (float(vtlp_alpha[0]), float(vtlp_alpha[1]))
         self.frame_s, self.log_offset, self.seed = float(frame_s), float(log_offset), int(seed)
+        self.sample_rate, self.f_min = int(sample_rate), float(f_min)
+        self.f_max = None if f_max is None else float(f_max)
 
     @property
     def enabled(self) -> bool:
-        return self.noise_prob > 0.0 or self.reverb_prob > 0.0
+        return self.noise_prob > 0.0 or self.reverb_prob > 0.0 or self.vtlp_prob > 0.0
+
+    def vtlp_alpha_for(self, epoch: int, index: int) -> float:
+        """The VTLP factor of utterance ``index`` in ``epoch`` (1.0 = not warped)."""
+        if self.vtlp_prob <= 0.0:
+            return 1.0
+        u, a = np.random.default_rng([int(self.seed) % 2**64, int(epoch), int(index), _SALT_VTLP]).random(2)
+        if u >= self.vtlp_prob:
+            return 1.0
+        lo, hi = self.vtlp_alpha
+        return float(lo + (hi - lo) * a)
 
     def rng(self, epoch: int, index: int) -> np.random.Generator:
         """The generator of utterance ``index`` in ``epoch`` (independent of every other draw)."""
@@ -187,9 +264,13 @@ class FeatureAugment:
         """``feats`` float ``(T, F)`` log-mel → float32 ``(T, F)``, augmented or as it was."""
         if not self.enabled:
             return feats
+        out = feats
+        alpha = self.vtlp_alpha_for(epoch, index)
+        if alpha != 1.0:
+            centers = mel_centers_hz(feats.shape[1], self.sample_rate, self.f_min, self.f_max)
+            out = vtlp_warp(out, alpha, centers, self.sample_rate / 2.0)
         rng = self.rng(epoch, index)
         u_rev, u_noise = rng.random(2)
-        out = feats
         if u_rev < self.reverb_prob:
             out = add_reverb(out, float(rng.uniform(*self.reverb_t60_s)), self.frame_s, self.log_offset)
         if u_noise < self.noise_prob:

@@ -10,7 +10,7 @@ Per optimizer step::
     batch indices (DynamicBucketingSampler, this rank's share)
       → features (FeatureTable, float32 (T_i, n_mels); with speed perturbation, one of the
         speed-perturbed copies per utterance and epoch) + token ids (tokenizer)
-      → noise / reverb per utterance (model_code.augment.FeatureAugment, drawn from (seed, epoch, index))
+      → VTLP / noise / reverb per utterance (model_code.augment.FeatureAugment, drawn from (seed, epoch, index))
       → collate: feats (B, T, F), feat_lens (B,), tokens (B, L), token_lens (B,)
       → SpecAugment (training only, main process, torch's global RNG)
       → ConformerCTC: log_probs (B, T', V), out_lens (B,)      [T' ≈ T/4]
@@ -637,6 +637,9 @@ def _train(args: TrainArgs, on_step, on_epoch_end, t_start: float) -> dict[str, 
         **args.augment,
         frame_s=float(fk.get("hop_length", 160)) / float(fk.get("sample_rate", 16000)),
         log_offset=float(fk.get("log_offset", 1e-6)),
+        sample_rate=int(fk.get("sample_rate", 16000)),
+        f_min=float(fk.get("f_min", 0.0)),
+        f_max=None if fk.get("f_max") is None else float(fk["f_max"]),
         seed=args.seed,
     )
     texts = table.texts()

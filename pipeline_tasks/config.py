@@ -239,18 +239,23 @@ class AugmentConfig(_Section):
     # exponential-decay reverb tail smeared across frames, T60 ~ U(reverb_t60_s)
     reverb_prob: float = Field(0.0, ge=0, le=1)
     reverb_t60_s: tuple[float, float] = (0.2, 0.8)
+    # vocal-tract-length perturbation: the mel axis warped by alpha ~ U(vtlp_alpha) (> 1: formants up)
+    vtlp_prob: float = Field(0.0, ge=0, le=1)
+    vtlp_alpha: tuple[float, float] = (0.9, 1.1)
 
-    @field_validator("noise_snr_db", "reverb_t60_s")
+    @field_validator("noise_snr_db", "reverb_t60_s", "vtlp_alpha")
     @classmethod
     def _low_high(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
         if v[0] > v[1]:
             raise ValueError(f"must be (low, high) with low <= high, got {v}")
         if info.field_name == "reverb_t60_s" and v[0] <= 0:
             raise ValueError(f"T60 must be > 0, got {v}")
+        if info.field_name == "vtlp_alpha" and v[0] <= 0:
+            raise ValueError(f"warp factors must be > 0, got {v}")
         return v
 
     def feature_kwargs(self) -> dict[str, Any]:
-        """``model_code.augment.FeatureAugment`` keyword arguments (noise and reverb)."""
+        """``model_code.augment.FeatureAugment`` keyword arguments (VTLP, noise and reverb)."""
         return self.model_dump(mode="json", exclude={"speed_perturb"})
 
 

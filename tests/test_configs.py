@@ -110,6 +110,9 @@ def test_augmentation_keys_are_typed_validated_and_shipped(monkeypatch, tmp_path
         ["train.augment.noise_prob=1.5"],
         ["train.augment.noise_snr_db=[20, 10]"],
         ["train.augment.reverb_t60_s=[0.0, 0.5]"],
+        ["train.augment.vtlp_alpha=[1.1, 0.9]"],
+        ["train.augment.vtlp_alpha=[0.0, 1.1]"],
+        ["train.augment.vtlp_prob=-0.1"],
     ):
         with pytest.raises(ValidationError):
             load_config("tiny", [f"paths.root={tmp_path}", *bad])

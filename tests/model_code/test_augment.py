@@ -1,5 +1,5 @@
 """Training augmentation: speed perturbation of waveforms, the per-epoch speed-copy choice, and
-noise / reverb on log-mel features (model_code.audio.speed_perturb, model_code.augment)."""
+VTLP / noise / reverb on log-mel features (model_code.audio.speed_perturb, model_code.augment)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from model_code.audio import speed_perturb
-from model_code.augment import FeatureAugment, add_noise, add_reverb, unit_hash, variant_choice
+from model_code.augment import (
+    FeatureAugment,
+    add_noise,
+    add_reverb,
+    mel_centers_hz,
+    unit_hash,
+    variant_choice,
+    vtlp_source_hz,
+    vtlp_warp,
+)
 from model_code.features import logmel
 
 SR = 16000
@@ -109,3 +118,63 @@ def test_feature_augment_is_deterministic_per_seed_epoch_index_and_respects_prob
         FeatureAugment(noise_prob=1.5)
     with pytest.raises(ValueError):
         FeatureAugment(reverb_t60_s=(0.8, 0.2))
+
+
+# -- VTLP ---------------------------------------------------------------------------------------
+
+
+def _tone_peak_hz(feats: np.ndarray, centers: np.ndarray) -> float:
+    """Frequency of the strongest mel band, refined by a parabola through it and its neighbours."""
+    s = feats.mean(axis=0).astype(np.float64)  # (F,)
+    k = int(np.argmax(s[1:-1])) + 1
+    y0, y1, y2 = s[k - 1 : k + 2]
+    off = 0.5 * (y0 - y2) / (y0 - 2 * y1 + y2)  # in bands, |off| < 1
+    return float(np.interp(k + off, np.arange(len(centers)), centers))
+
+
+@pytest.mark.parametrize("alpha", [0.9, 1.1, 0.95])
+def test_vtlp_moves_spectral_content_from_f_to_alpha_f_below_the_boundary(alpha):
+    t = np.arange(SR) / SR
+    tone = (0.3 * np.sin(2 * np.pi * 1000.0 * t)).astype(np.float32)
+    feats = logmel(tone)  # (T, 80)
+    centers = mel_centers_hz(feats.shape[1], SR)
+    before = _tone_peak_hz(feats, centers)
+    assert before == pytest.approx(1000.0, abs=25.0)
+    after = _tone_peak_hz(vtlp_warp(feats, alpha, centers, SR / 2), centers)
+    assert after == pytest.approx(alpha * before, abs=25.0)  # 100 Hz is ~2 mel bands here
+    np.testing.assert_array_equal(vtlp_warp(feats, 1.0, centers, SR / 2), feats)
+
+
+def test_vtlp_warp_is_monotone_continuous_and_keeps_nyquist():
+    nyq = SR / 2
+    g = np.linspace(0.0, nyq, 4001)
+    for alpha in (0.85, 0.9, 1.0, 1.1, 1.2):
+        src = vtlp_source_hz(g, alpha, nyq)
+        assert src[0] == pytest.approx(0.0) and src[-1] == pytest.approx(nyq)
+        assert np.all(np.diff(src) > 0)  # monotone: no band reads two places
+        assert np.max(np.abs(np.diff(src))) < 3 * (g[1] - g[0]) / min(alpha, 1.0)  # no jump at the boundary
+        low = g < 0.6 * nyq * min(alpha, 1.0)
+        np.testing.assert_allclose(src[low], g[low] / alpha)
+    centers = mel_centers_hz(80, SR)
+    assert centers.shape == (80,) and np.all(np.diff(centers) > 0) and 0 < centers[0] < centers[-1] < nyq
+
+
+def test_feature_augment_vtlp_draws_are_pure_and_leave_noise_and_reverb_draws_alone():
+    feats = logmel(_speechlike(1.0))
+    aug = FeatureAugment(vtlp_prob=0.5, vtlp_alpha=(0.9, 1.1), seed=3)
+    assert aug.enabled
+    alphas = [aug.vtlp_alpha_for(e, i) for e in range(4) for i in range(50)]
+    warped = [a for a in alphas if a != 1.0]
+    assert 0.35 < len(warped) / len(alphas) < 0.65
+    assert min(warped) >= 0.9 and max(warped) <= 1.1 and max(warped) - min(warped) > 0.1
+    np.testing.assert_array_equal(aug(feats, 2, 7), FeatureAugment(vtlp_prob=0.5, seed=3)(feats, 2, 7))
+    # its own stream: with VTLP on at factor 1, noise and reverb draw exactly what they did without it
+    kw = dict(noise_prob=0.5, noise_snr_db=(5, 10), reverb_prob=0.5, reverb_t60_s=(0.3, 0.6), seed=3)
+    with_vtlp = FeatureAugment(vtlp_prob=1.0, vtlp_alpha=(1.0, 1.0), **kw)
+    without = FeatureAugment(**kw)
+    for i in range(6):
+        np.testing.assert_array_equal(with_vtlp(feats, 1, i), without(feats, 1, i))
+    with pytest.raises(ValueError):
+        FeatureAugment(vtlp_alpha=(1.1, 0.9))
+    with pytest.raises(ValueError):
+        FeatureAugment(vtlp_prob=2.0)

@@ -292,7 +292,8 @@ def test_speed_copies_and_feature_noise_train_and_resume_exactly(tmp_path):
     idx = write_synthetic_index(data, 40, seed=1, name="train")
     write_synthetic_index(data, 8, seed=2, name="dev")
     variants = [str(_speed_copy(idx, 0.9)), str(_speed_copy(idx, 1.1))]
-    augment = {"noise_prob": 0.5, "noise_snr_db": [5.0, 20.0], "reverb_prob": 0.5, "reverb_t60_s": [0.2, 0.6]}
+    augment = {"noise_prob": 0.5, "noise_snr_db": [5.0, 20.0], "reverb_prob": 0.5, "reverb_t60_s": [0.2, 0.6],
+               "vtlp_prob": 0.5, "vtlp_alpha": [0.9, 1.1]}
     kw = dict(epochs=2, variant_indexes=variants, augment=augment, train_index=str(idx),
               dev_index=str(data / "dev.parquet"), checkpoint_every_steps=2)
     full = train(tiny_args(tmp_path / "a", checkpoint_dir=str(tmp_path / "a" / "ck"), **kw))

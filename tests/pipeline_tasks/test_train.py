@@ -121,7 +121,7 @@ def test_fit_logs_into_a_nested_run_and_lets_pruning_propagate(tiny_cfg, tmp_pat
 
 def test_fit_trains_on_the_speed_copies_with_feature_noise_and_reverb(tmp_path):
     """train.augment reaches the training loop: with speed_perturb, split's train_sp<f> indexes are
-    the variant indexes (ascending factor), noise / reverb go to FeatureAugment; a one-epoch fit runs."""
+    the variant indexes (ascending factor), VTLP / noise / reverb go to FeatureAugment; a one-epoch fit runs."""
     from pathlib import Path
 
     from pipeline_tasks.config import load_config
@@ -134,7 +134,7 @@ def test_fit_trains_on_the_speed_copies_with_feature_noise_and_reverb(tmp_path):
         f"paths.root={tmp_path / 'art'}", f"paths.golden_dir={tmp_path / 'gsrc'}", "features.jobs=1",
         "features.speed_factors=[0.9, 1.0, 1.1]", "split.dev_share=0.2", "train.epochs=1",
         "train.augment.speed_perturb=true", "train.augment.noise_prob=0.5", "train.augment.reverb_prob=0.5",
-        "train.build_lm=false",
+        "train.augment.vtlp_prob=0.5", "train.build_lm=false",
     ])
     rows = make_rows(Path(cfg.paths.data_workspace), [f"u{i:02d}" for i in range(16)])
     f = featurize.run(cfg, {"validate": write_validate_result(tmp_path / "v", rows)})
@@ -143,7 +143,8 @@ def test_fit_trains_on_the_speed_copies_with_feature_noise_and_reverb(tmp_path):
     tok = make_tokenizer(cfg, ["a b"])
     a = train_args(cfg, resolve(s, s["train"]), None, tmp_path / "o", tok, speed_indexes=dict(reversed(speed.items())))
     assert a.variant_indexes == [str(speed["0.9"]), str(speed["1.1"])]
-    assert a.augment == {"noise_prob": 0.5, "noise_snr_db": [5.0, 30.0], "reverb_prob": 0.5, "reverb_t60_s": [0.2, 0.8]}
+    assert a.augment == {"noise_prob": 0.5, "noise_snr_db": [5.0, 30.0], "reverb_prob": 0.5, "reverb_t60_s": [0.2, 0.8],
+                         "vtlp_prob": 0.5, "vtlp_alpha": [0.9, 1.1]}
     with pytest.raises(ValueError, match="no speed-perturbed indexes"):
         train_args(cfg, resolve(s, s["train"]), None, tmp_path / "o", tok)
     off = with_overrides(cfg, {"train.augment.speed_perturb": False})
