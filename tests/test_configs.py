@@ -96,7 +96,9 @@ def test_augmentation_keys_are_typed_validated_and_shipped(monkeypatch, tmp_path
     assert (a.speed_perturb, a.noise_prob, a.reverb_prob) == (False, 0.0, 0.0)
     local, prod = load_config("local"), load_config("prod")
     assert local.features.speed_factors == [0.9, 1.0, 1.1] and not local.train.augment.speed_perturb
-    assert {"train.augment.speed_perturb", "train.augment.noise_prob", "train.augment.reverb_prob"} <= set(local.tune.space)
+    assert {"train.augment.speed_perturb", "train.augment.noise_prob", "train.augment.reverb_prob",
+            "train.augment.vtlp_prob"} <= set(local.tune.space)
+    assert local.tune.space["train.augment.vtlp_prob"].warm_only
     assert prod.train.augment.speed_perturb and prod.features.speed_variants == [0.9, 1.1]
     check_trigger_overrides(prod, ["train.augment.noise_prob=0.3", "train.augment.speed_perturb=false"])
     ok = load_config("tiny", [f"paths.root={tmp_path}", "features.speed_factors=[1.1, 1.0, 0.9]",

@@ -17,7 +17,7 @@ def test_warm_only_params_are_sampled_only_for_warm_trials(tmp_path):
     cfg = _cfg(tmp_path)
     warm_only = {k for k, p in cfg.tune.space.items() if p.warm_only}
     assert warm_only == {"train.finetune_lr_factor", "train.replay_share", "train.augment.speed_perturb",
-                         "train.augment.noise_prob", "train.augment.reverb_prob"}
+                         "train.augment.noise_prob", "train.augment.reverb_prob", "train.augment.vtlp_prob"}
     study = optuna.create_study()
     cold = tune.sample_params(study.ask(), cfg, warm=False)
     warm = tune.sample_params(study.ask(), cfg, warm=True)
