@@ -33,6 +33,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from model_code.features import mel_points_hz
+
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -155,10 +157,9 @@ def add_reverb(feats: np.ndarray, t60_s: float, frame_s: float = 0.01, log_offse
 @functools.lru_cache(maxsize=16)
 def mel_centers_hz(n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> np.ndarray:
     """Centre frequencies ``(n_mels,)`` in Hz of the front end's HTK mel bands
-    (:func:`model_code.features.mel_filterbank`: ``n_mels + 2`` points equally spaced in mel)."""
+    (:func:`model_code.features.mel_points_hz`, the points :func:`~model_code.features.mel_filterbank` uses)."""
     hi = float(sample_rate) / 2.0 if f_max is None else float(f_max)
-    m = np.linspace(2595.0 * np.log10(1.0 + f_min / 700.0), 2595.0 * np.log10(1.0 + hi / 700.0), n_mels + 2)
-    c = 700.0 * (10.0 ** (m[1:-1] / 2595.0) - 1.0)
+    c = mel_points_hz(float(f_min), hi, int(n_mels))[1:-1]
     c.setflags(write=False)
     return c
 
@@ -168,8 +169,9 @@ def vtlp_source_hz(freqs_hz: np.ndarray, alpha: float, nyquist_hz: float, f_hi_h
 
     The forward warp (Jaitly & Hinton 2013) maps input frequency ``f`` to ``α·f`` up to the
     boundary ``f_b = f_hi·min(α, 1)/α``, then linearly so that the Nyquist frequency stays put
-    (monotone, continuous). ``f_hi`` defaults to 0.6 × Nyquist (their 4,800 Hz at 16 kHz). Content at ``f`` in the input appears at the warped frequency in the
-    output, so output frequency ``g`` reads the input at the inverse warp of ``g``.
+    (monotone, continuous). ``f_hi`` defaults to 0.6 × Nyquist (their 4,800 Hz at 16 kHz).
+    Content at ``f`` in the input appears at the warped frequency in the output, so output
+    frequency ``g`` reads the input at the inverse warp of ``g``.
     """
     g = np.asarray(freqs_hz, dtype=np.float64)
     a = float(alpha)

@@ -80,6 +80,12 @@ def _mel_to_hz_htk(m: np.ndarray) -> np.ndarray:
     return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
 
 
+def mel_points_hz(f_min: float, f_max: float, n_mels: int) -> np.ndarray:
+    """The ``n_mels + 2`` HTK mel-scale points ``(n_mels + 2,)`` in Hz that bound the triangular bands:
+    band ``i`` rises from point ``i``, peaks at point ``i + 1`` (its centre) and falls to ``i + 2``."""
+    return _mel_to_hz_htk(np.linspace(_hz_to_mel_htk(f_min), _hz_to_mel_htk(f_max), n_mels + 2))
+
+
 @functools.lru_cache(maxsize=16)
 def mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int) -> np.ndarray:
     """Triangular HTK mel filterbank, no area normalization.
@@ -89,8 +95,7 @@ def mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample
     cached).
     """
     all_freqs = np.linspace(0.0, sample_rate // 2, n_freqs)  # (n_freqs,)
-    m_pts = np.linspace(_hz_to_mel_htk(f_min), _hz_to_mel_htk(f_max), n_mels + 2)
-    f_pts = _mel_to_hz_htk(m_pts)  # (n_mels + 2,)
+    f_pts = mel_points_hz(f_min, f_max, n_mels)  # (n_mels + 2,)
     f_diff = f_pts[1:] - f_pts[:-1]  # (n_mels + 1,)
     slopes = f_pts[None, :] - all_freqs[:, None]  # (n_freqs, n_mels + 2)
     down = -slopes[:, :-2] / f_diff[:-1]
