@@ -28,12 +28,11 @@ No torch: this runs in DataLoader workers and in the sampler.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
 
-from model_code.features import mel_points_hz
+from model_code.features import mel_centers_hz
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -152,16 +151,6 @@ def add_reverb(feats: np.ndarray, t60_s: float, frame_s: float = 0.01, log_offse
     n = 1 << int(np.ceil(np.log2(t + len(h) - 1)))
     out = np.fft.irfft(np.fft.rfft(mel, n, axis=0) * np.fft.rfft(h, n)[:, None], n, axis=0)[:t]
     return _to_log(out, log_offset)
-
-
-@functools.lru_cache(maxsize=16)
-def mel_centers_hz(n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> np.ndarray:
-    """Centre frequencies ``(n_mels,)`` in Hz of the front end's HTK mel bands
-    (:func:`model_code.features.mel_points_hz`, the points :func:`~model_code.features.mel_filterbank` uses)."""
-    hi = float(sample_rate) / 2.0 if f_max is None else float(f_max)
-    c = mel_points_hz(float(f_min), hi, int(n_mels))[1:-1]
-    c.setflags(write=False)
-    return c
 
 
 def vtlp_source_hz(freqs_hz: np.ndarray, alpha: float, nyquist_hz: float, f_hi_hz: float | None = None) -> np.ndarray:

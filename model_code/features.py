@@ -80,10 +80,23 @@ def _mel_to_hz_htk(m: np.ndarray) -> np.ndarray:
     return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
 
 
+def _f_max_hz(sample_rate: int, f_max: float | None) -> float:
+    """The filterbank's upper edge: ``f_max``, or ``sample_rate // 2`` (torchaudio's default) when None."""
+    return float(sample_rate // 2) if f_max is None else float(f_max)
+
+
 def mel_points_hz(f_min: float, f_max: float, n_mels: int) -> np.ndarray:
     """The ``n_mels + 2`` HTK mel-scale points ``(n_mels + 2,)`` in Hz that bound the triangular bands:
     band ``i`` rises from point ``i``, peaks at point ``i + 1`` (its centre) and falls to ``i + 2``."""
     return _mel_to_hz_htk(np.linspace(_hz_to_mel_htk(f_min), _hz_to_mel_htk(f_max), n_mels + 2))
+
+
+@functools.lru_cache(maxsize=16)
+def mel_centers_hz(n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> np.ndarray:
+    """Centre frequencies ``(n_mels,)`` in Hz of :func:`logmel`'s bands for these arguments (read-only, cached)."""
+    c = mel_points_hz(float(f_min), _f_max_hz(sample_rate, f_max), int(n_mels))[1:-1]
+    c.setflags(write=False)
+    return c
 
 
 @functools.lru_cache(maxsize=16)
@@ -171,7 +184,7 @@ def logmel(
     """
     if win_length > n_fft:
         raise ValueError(f"win_length {win_length} > n_fft {n_fft}")
-    f_max_v = float(sample_rate // 2) if f_max is None else float(f_max)
+    f_max_v = _f_max_hz(sample_rate, f_max)
     power = power_spectrum(wave, n_fft, win_length, hop_length)  # (T, n_freqs)
     fb = mel_filterbank(n_fft // 2 + 1, float(f_min), f_max_v, int(n_mels), int(sample_rate))
     mel = power @ fb  # (T, n_mels)
@@ -211,7 +224,7 @@ def logmel_batch(waves: list[np.ndarray], **kwargs: Any) -> list[np.ndarray]:
         )
     frames = np.concatenate(frame_views, axis=0) * _window(n_fft, win_length)  # (sum T, n_fft)
     power = _power(frames)  # (sum T, n_fft//2+1)
-    f_max_v = float(sample_rate // 2) if f_max is None else float(f_max)
+    f_max_v = _f_max_hz(sample_rate, f_max)
     mel = power @ mel_filterbank(n_fft // 2 + 1, f_min, f_max_v, n_mels, sample_rate)  # (sum T, n_mels)
     np.log(mel + np.float32(log_offset), out=mel)
     out, start = [], 0

@@ -11,13 +11,12 @@ from model_code.augment import (
     FeatureAugment,
     add_noise,
     add_reverb,
-    mel_centers_hz,
     unit_hash,
     variant_choice,
     vtlp_source_hz,
     vtlp_warp,
 )
-from model_code.features import logmel
+from model_code.features import logmel, mel_centers_hz
 
 SR = 16000
 
