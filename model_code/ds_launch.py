@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -358,9 +359,30 @@ def launch(
             time.sleep(0.2)
     drain()
     if proc.returncode != 0 or not result_path.exists():
-        tail = log_path.read_text(errors="replace")[-4000:]
-        raise RuntimeError(f"training launcher exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
+        raise RuntimeError(
+            f"training launcher exited with {proc.returncode}: {' '.join(cmd)}\n{failure_excerpt(log_path)}"
+        )
     return json.loads(result_path.read_text())
+
+
+# lines of a rank's own failure (a C++ abort, a Python exception), as opposed to the launcher's report
+_RANK_ERROR = re.compile(r"terminate called|what\(\)|Error|Exception|Traceback|Aborted|Segmentation fault")
+
+
+def failure_excerpt(log_path: Path, tail_chars: int = 4000, max_error_lines: int = 20) -> str:
+    """The end of a failed launch's log, then the log's last error-looking lines.
+
+    torchrun ends a failed launch with its own long traceback and summary, which can push the
+    rank's message (``terminate called ... what(): ...`` before a SIGABRT, a Python exception)
+    out of a plain tail; the error lines are therefore repeated after the tail, in log order.
+    """
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    tail = text[-tail_chars:]
+    head_lines = text[: max(0, len(text) - tail_chars)].splitlines()
+    errors = [ln for ln in head_lines if _RANK_ERROR.search(ln)][-max_error_lines:]
+    if not errors:
+        return tail
+    return tail + "\n--- error lines from earlier in the log ---\n" + "\n".join(errors)
 
 
 class EventTail:

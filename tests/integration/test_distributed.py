@@ -165,6 +165,18 @@ def dag_run(stack, tiny_landing, tiny_golden):
     }
 
 
+def _xcom(st: ds.Stack, tok: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
+    r = st.api(
+        "GET",
+        f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+        tok,
+        params={"map_index": map_index},
+    )
+    assert r.status_code == 200, r.text
+    value = r.json()["value"]
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def _by_task(tis: list[dict[str, Any]], task_id: str) -> list[dict[str, Any]]:
     return sorted((t for t in tis if t["task_id"] == task_id), key=lambda t: t["map_index"])
 
@@ -262,19 +274,22 @@ def test_tune_workers_share_one_study_on_postgres(dag_run, stack):
     ]
     cfg = stack.config()
     assert len(finished) >= cfg.tune.n_trials
-    by_worker: dict[int, int] = {}
+    in_study: dict[int, int] = {}
     for t in finished:
-        by_worker[int(t.user_attrs["worker"])] = by_worker.get(int(t.user_attrs["worker"]), 0) + 1
-    # both mapped tune_worker tasks contributed finished trials to the shared study
-    assert set(by_worker) == set(range(N_TUNE_WORKERS)), by_worker
+        in_study[int(t.user_attrs["worker"])] = in_study.get(int(t.user_attrs["worker"]), 0) + 1
+    assert set(in_study) <= set(range(N_TUNE_WORKERS)), in_study
+    # What each mapped tune_worker says it finished is exactly what the Postgres study holds under its
+    # index: a worker on a study of its own would report trials the shared study does not have. (How
+    # the n_trials split between the workers depends on when each one started, so it is not checked.)
+    tok = stack.token()
+    reports = [_xcom(stack, tok, dag_run["run_id"], "tune_worker", i) for i in range(N_TUNE_WORKERS)]
+    for i, rep in enumerate(reports):
+        assert rep["worker"] == i and rep["study_name"] == study.study_name, rep
+        assert rep["complete"] + rep["pruned"] == in_study.get(i, 0), (rep, in_study)
+    # together they stopped at n_trials: each one counted the other's trials, not only its own
+    assert sum(r["complete"] + r["pruned"] for r in reports) == len(finished) == cfg.tune.n_trials
     # the study name the tune step reports is the one on Postgres
-    r = stack.api(
-        "GET",
-        f"/dags/{DAG_ID}/dagRuns/{dag_run['run_id']}/taskInstances/tune_finalize/xcomEntries/return_value",
-    )
-    assert r.status_code == 200, r.text
-    value = r.json()["value"]
-    value = json.loads(value) if isinstance(value, str) else value
+    value = _xcom(stack, tok, dag_run["run_id"], "tune_finalize")
     assert value["study_name"] == study.study_name
     assert "asrflow:asrflow@" not in value["storage"]  # the reported storage URL is redacted
 
@@ -335,18 +350,6 @@ def test_killed_worker_task_is_retried_on_the_other_worker(dag_run, stack):
 # the same global batch, seed and threads in both layouts; from scratch (no registry parent)
 COMMON_TRAIN = ["train.init_from=scratch", "train.torch_threads=1", "train.checkpoint_every_steps=2"]
 TWO_NODES = ["train.nnodes=2", "train.world_size=1", "train.rdzv_host=127.0.0.1", "train.rdzv_join_timeout_s=180"]
-
-
-def _xcom(st: ds.Stack, tok: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
-    r = st.api(
-        "GET",
-        f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
-        tok,
-        params={"map_index": map_index},
-    )
-    assert r.status_code == 200, r.text
-    value = r.json()["value"]
-    return json.loads(value) if isinstance(value, str) else value
 
 
 @pytest.fixture(scope="module")

@@ -166,3 +166,20 @@ def test_a_retry_stops_orphans_here_and_refuses_ranks_alive_elsewhere(tmp_path):
     finally:
         os.close(fd)
     ds_launch.claim_ranks_dir(d, timeout_s=5)  # once it is gone, the retry proceeds
+
+
+def test_failure_excerpt_keeps_the_ranks_own_error_behind_a_long_launcher_report(tmp_path):
+    # a rank's C++ abort message, then torchrun's long traceback and summary
+    log = tmp_path / "launch.log"
+    rank_msg = "terminate called after throwing an instance of 'gloo::IoException'\n  what():  Connection closed by peer"
+    noise = "\n".join(f'  File "torch/distributed/run.py", line {i}, in main' for i in range(400))
+    log.write_text("step 1 ok\n" + rank_msg + "\n" + noise + "\nChildFailedError: exitcode -6\n")
+    out = ds_launch.failure_excerpt(log, tail_chars=2000)
+    assert out.startswith(log.read_text()[-2000:])  # the plain tail comes first
+    assert "terminate called after throwing" in out and "what():  Connection closed by peer" in out
+    assert "step 1 ok" not in out
+    # a short log is its own tail: nothing repeated
+    short = tmp_path / "short.log"
+    short.write_text(rank_msg)
+    assert ds_launch.failure_excerpt(short) == rank_msg
+    assert ds_launch.failure_excerpt(tmp_path / "missing.log") == ""
