@@ -241,15 +241,16 @@ class FeatureAugment:
         """The VTLP factor of utterance ``index`` in ``epoch`` (1.0 = not warped)."""
         if self.vtlp_prob <= 0.0:
             return 1.0
-        u, a = np.random.default_rng([int(self.seed) % 2**64, int(epoch), int(index), _SALT_VTLP]).random(2)
+        u, a = self.rng(epoch, index, _SALT_VTLP).random(2)
         if u >= self.vtlp_prob:
             return 1.0
         lo, hi = self.vtlp_alpha
         return float(lo + (hi - lo) * a)
 
-    def rng(self, epoch: int, index: int) -> np.random.Generator:
-        """The generator of utterance ``index`` in ``epoch`` (independent of every other draw)."""
-        return np.random.default_rng([int(self.seed) % 2**64, int(epoch), int(index), _SALT_AUG])
+    def rng(self, epoch: int, index: int, salt: int = _SALT_AUG) -> np.random.Generator:
+        """The generator of utterance ``index`` in ``epoch`` for the draws of ``salt`` (noise/reverb by
+        default; VTLP has its own), independent of every other utterance's and every other salt's."""
+        return np.random.default_rng([int(self.seed) % 2**64, int(epoch), int(index), int(salt)])
 
     def __call__(self, feats: np.ndarray, epoch: int, index: int) -> np.ndarray:
         """``feats`` float ``(T, F)`` log-mel → float32 ``(T, F)``, augmented or as it was."""
